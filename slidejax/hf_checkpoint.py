@@ -1,0 +1,183 @@
+"""Hugging Face checkpoints in and out: config.json + (sharded) safetensors + tokenizer files.
+
+Reading validates every tensor's presence, shape and dtype from the safetensors headers alone
+(no tensor data is touched) before any large allocation, then streams tensors one at a time into
+the host model's fp32 master buffers, so a checkpoint is never held in memory whole.
+Writing produces the same layout transformers writes: sharded `model-0000k-of-0000n.safetensors`
+with `model.safetensors.index.json`, config.json and the tokenizer files copied across.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Any, Iterator
+
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from slidejax.config import ModelConfig
+from slidejax.errors import SlidejaxError
+from slidejax.host_memory import HostModel
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
+_DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16",
+                np.dtype(np.float16): "float16"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "generation_config.json", "chat_template.jinja", "chat_template.json")
+
+
+def read_safetensors_header(file: Path) -> dict[str, dict[str, Any]]:
+    """Tensor name -> {dtype, shape, data_offsets} from a safetensors file, checking it is whole."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise SlidejaxError(f"{file}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise SlidejaxError(f"{file}: truncated safetensors file (header cut off)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise SlidejaxError(f"{file}: not a safetensors file (unreadable header)") from None
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        end = info["data_offsets"][1]
+        if 8 + n + end > size:
+            raise SlidejaxError(f"{file}: truncated safetensors file (tensor {name!r} is cut off)")
+    return header
+
+
+class CheckpointReader:
+    """Index of a HF model folder's tensors: name -> (file, dtype, shape), validated up front."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise SlidejaxError(f"{self.path}: no such model folder")
+        index_file = self.path / "model.safetensors.index.json"
+        if index_file.exists():
+            try:
+                weight_map = json.loads(index_file.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError):
+                raise SlidejaxError(f"{index_file}: invalid index (no weight_map)") from None
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.path.glob("*.safetensors"))
+            if not files:
+                raise SlidejaxError(f"{self.path}: no *.safetensors weights in the model folder")
+        self.tensors: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+        for name in files:
+            file = self.path / name
+            if not file.exists():
+                raise SlidejaxError(f"{index_file}: shard {name} is missing")
+            for tname, info in read_safetensors_header(file).items():
+                self.tensors[tname] = (file, info["dtype"], tuple(info["shape"]))
+
+    def check(self, expected: dict[str, tuple[int, ...]], optional: set[str] = frozenset()) -> None:
+        """Raise a one-line error for the first missing, misshapen or unsupported tensor."""
+        for name, shape in expected.items():
+            if name not in self.tensors:
+                if name in optional:
+                    continue
+                raise SlidejaxError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
+            file, dtype, got = self.tensors[name]
+            if got != tuple(shape):
+                raise SlidejaxError(f"{file}: tensor {name!r} has shape {list(got)}, expected {list(shape)}")
+            if dtype not in _ST_DTYPES:
+                raise SlidejaxError(f"{file}: tensor {name!r} has unsupported dtype {dtype}")
+
+    def read(self, name: str) -> np.ndarray:
+        file = self.tensors[name][0]
+        with safe_open(str(file), framework="np") as f:
+            return f.get_tensor(name)
+
+
+def load_into(host: HostModel, path: str | Path) -> None:
+    """Fill `host`'s master weights from a HF folder (after validating all tensors)."""
+    reader = CheckpointReader(path)
+    expected = {hf: unit.layout.shapes[unit.layout.names.index(p)] for hf, unit, p in host.hf_names()}
+    reader.check(expected)
+    # A tied checkpoint may also store lm_head.weight; hf_names() skips it: the embedding is kept.
+    for hf, unit, p in host.hf_names():
+        unit.layout.fill(unit.master, p, reader.read(hf).astype(np.float32))
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    for suffix, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if s.endswith(suffix):
+            return int(float(s[: -len(suffix)]) * mult)
+    return int(s)
+
+
+def save_pretrained(host: HostModel, path: str | Path, *, dtype: str = "bfloat16",
+                    max_shard_size: int | str = "5GB", tokenizer_dir: str | Path | None = None) -> Path:
+    """Write a HF folder transformers loads: config.json, sharded safetensors + index, tokenizer."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".slidejax_write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise SlidejaxError(f"{path}: output folder is not writable ({e.strerror})") from None
+    np_dtype = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float16": np.float16}.get(dtype)
+    if np_dtype is None:
+        raise SlidejaxError(f"export dtype {dtype!r} is not one of bfloat16, float32, float16")
+    limit = _parse_size(max_shard_size)
+
+    shards: list[list[tuple[str, Any, str]]] = [[]]
+    sizes = [0]
+    for hf, unit, p in host.hf_names():
+        nbytes = int(np.prod(unit.layout.shapes[unit.layout.names.index(p)])) * np.dtype(np_dtype).itemsize
+        if sizes[-1] and sizes[-1] + nbytes > limit:
+            shards.append([])
+            sizes.append(0)
+        shards[-1].append((hf, unit, p))
+        sizes[-1] += nbytes
+
+    weight_map: dict[str, str] = {}
+    n = len(shards)
+    for k, shard in enumerate(shards):
+        fname = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        tensors = {hf: np.ascontiguousarray(unit.params()[p].astype(np_dtype)) for hf, unit, p in shard}
+        tmp = path / (fname + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path / fname)
+        weight_map.update({hf: fname for hf in tensors})
+        del tensors
+    if n > 1:
+        index = {"metadata": {"total_size": int(sum(sizes))}, "weight_map": weight_map}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    else:
+        (path / "model.safetensors.index.json").unlink(missing_ok=True)
+
+    config = host.cfg.to_hf_dict()
+    config["torch_dtype"] = dtype
+    config["dtype"] = dtype
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, path)
+    return path
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    src, dst = Path(src), Path(dst)
+    copied = []
+    if src.resolve() == dst.resolve():
+        return copied
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied

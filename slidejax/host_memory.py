@@ -1,0 +1,203 @@
+"""Host memory: where the whole model's training state lives between its visits to the GPU.
+
+Each unit of the model (the embedding, every decoder layer, the final norm, the lm_head) is kept
+as ONE flat fp32 buffer of master weights, so that
+- the host optimizer runs one fused pass over it (and its moments) per step;
+- its GPU copy (bf16, or fp32 in exactness mode) is one contiguous pinned buffer that crosses PCIe
+  in a single transfer at full speed;
+- gradients come back as one flat buffer in the same order.
+Parameters that take weight decay come first, so decay is a prefix `[0, decay_split)` of the
+buffer and no per-element mask is ever read.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+from typing import Any, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+_ALIGN = 64
+
+
+def aligned_empty(n: int, dtype: Any) -> np.ndarray:
+    """A 1-D numpy array of n elements whose data is 64-byte aligned (zero-copy to XLA:CPU)."""
+    dtype = np.dtype(dtype)
+    raw = np.empty(n * dtype.itemsize + _ALIGN, dtype=np.uint8)
+    offset = (-raw.ctypes.data) % _ALIGN
+    return raw[offset: offset + n * dtype.itemsize].view(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatLayout:
+    """Where each named parameter of a unit lives in its flat buffer.
+
+    `names` are in buffer order; decayed parameters (matrices) first, then the rest (norms,
+    biases), so `decay_split` separates them.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    offsets: tuple[int, ...]
+    size: int
+    decay_split: int
+
+    @classmethod
+    def build(cls, shapes: dict[str, tuple[int, ...]], decayed: Iterable[str]) -> "FlatLayout":
+        decayed = set(decayed)
+        order = sorted(shapes, key=lambda n: (n not in decayed, n))
+        offsets, off, split = [], 0, 0
+        for n in order:
+            offsets.append(off)
+            off += int(np.prod(shapes[n], dtype=np.int64))
+            if n in decayed:
+                split = off
+        return cls(tuple(order), tuple(tuple(shapes[n]) for n in order), tuple(offsets), off, split)
+
+    def views(self, flat: Any) -> dict[str, Any]:
+        """Named views (numpy) or slices (jax, inside jit) of a flat buffer."""
+        out = {}
+        for n, s, o in zip(self.names, self.shapes, self.offsets):
+            size = int(np.prod(s, dtype=np.int64))
+            out[n] = flat[o: o + size].reshape(s)
+        return out
+
+    def flatten(self, tree: dict[str, Any]) -> Any:
+        """Concatenate named arrays (jax, inside jit) in buffer order."""
+        return jnp.concatenate([jnp.ravel(tree[n]) for n in self.names])
+
+    def fill(self, flat: np.ndarray, name: str, value: np.ndarray) -> None:
+        """Write one parameter's values into a numpy flat buffer (casting as needed)."""
+        i = self.names.index(name)
+        size = int(np.prod(self.shapes[i], dtype=np.int64))
+        flat[self.offsets[i]: self.offsets[i] + size] = np.asarray(value).reshape(-1)
+
+
+def numpy_dtype(dtype: Any) -> np.dtype:
+    """numpy dtype for a jax/numpy dtype name (bf16 via ml_dtypes)."""
+    if dtype in ("bfloat16", jnp.bfloat16) or np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16):
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype)
+
+
+def memory_sharding(device: jax.Device, kind: str) -> jax.sharding.Sharding:
+    return jax.sharding.SingleDeviceSharding(device, memory_kind=kind)
+
+
+def host_memory_kind(device: jax.Device) -> str:
+    """'pinned_host' where the device has it (GPU and CPU backends do), else its default memory."""
+    kinds = {m.kind for m in device.addressable_memories()}
+    return "pinned_host" if "pinned_host" in kinds else device.default_memory().kind
+
+
+class PinnedBuffer:
+    """A buffer in the device's pinned host memory with a writable numpy view of it.
+
+    The host optimizer writes new bf16 weights straight into `.host` (no conversion pass, no
+    copy); `.array` is the jax array that `device_put` uploads at full PCIe speed. Writing is safe
+    because jax never writes to or frees this buffer while we hold `.array`, and the engine only
+    writes between the upload that read the old values completing and the next upload.
+    """
+
+    def __init__(self, n: int, dtype: Any, device: jax.Device):
+        dtype = numpy_dtype(dtype)
+        self.sharding = memory_sharding(device, host_memory_kind(device))
+        self.array = jax.jit(lambda: jnp.zeros((n,), dtype), out_shardings=self.sharding)()
+        self.array.block_until_ready()
+        ptr = self.array.unsafe_buffer_pointer()
+        raw = (ctypes.c_uint8 * (n * dtype.itemsize)).from_address(ptr)
+        self.host = np.frombuffer(raw, dtype=np.uint8).view(dtype)
+        self.host.flags.writeable  # view over memory jax owns; kept alive through self.array
+
+    def __len__(self) -> int:
+        return self.host.shape[0]
+
+
+def iter_chunks(n: int, chunk: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, chunk):
+        yield start, min(n, start + chunk)
+
+
+@dataclasses.dataclass
+class Unit:
+    """One streamed unit of the model: its layout and fp32 master weights in host memory."""
+
+    name: str
+    layout: FlatLayout
+    master: np.ndarray
+
+    def params(self) -> dict[str, np.ndarray]:
+        return self.layout.views(self.master)
+
+
+class HostModel:
+    """The whole model's fp32 master weights as flat units in host memory.
+
+    Units, in forward order: "embed", "layers.0" .. "layers.{L-1}", "norm", and "lm_head" unless
+    the embeddings are tied (then the head reads "embed").
+    """
+
+    def __init__(self, cfg: "ModelConfig"):  # noqa: F821
+        from slidejax.model import layer_template
+
+        self.cfg = cfg
+        _, layer_shapes = layer_template(cfg)
+        vh = (cfg.vocab_size, cfg.hidden_size)
+        layer_layout = FlatLayout.build({n: s for n, (s, _) in layer_shapes.items()},
+                                        [n for n, (_, d) in layer_shapes.items() if d])
+        matrix = FlatLayout.build({"weight": vh}, ["weight"])
+        self.units: dict[str, Unit] = {"embed": Unit("embed", matrix, aligned_empty(matrix.size, np.float32))}
+        for i in range(cfg.num_layers):
+            self.units[f"layers.{i}"] = Unit(f"layers.{i}", layer_layout, aligned_empty(layer_layout.size, np.float32))
+        norm = FlatLayout.build({"weight": (cfg.hidden_size,)}, [])
+        self.units["norm"] = Unit("norm", norm, aligned_empty(norm.size, np.float32))
+        if not cfg.tie_word_embeddings:
+            self.units["lm_head"] = Unit("lm_head", matrix, aligned_empty(matrix.size, np.float32))
+
+    @property
+    def layer_layout(self) -> FlatLayout:
+        return self.units["layers.0"].layout if self.cfg.num_layers else None
+
+    @property
+    def head_unit(self) -> Unit:
+        return self.units["embed" if self.cfg.tie_word_embeddings else "lm_head"]
+
+    def hf_names(self) -> Iterator[tuple[str, Unit, str]]:
+        """(Hugging Face tensor name, unit, parameter name) for every tensor, in unit order."""
+        yield "model.embed_tokens.weight", self.units["embed"], "weight"
+        for i in range(self.cfg.num_layers):
+            unit = self.units[f"layers.{i}"]
+            for n in unit.layout.names:
+                yield f"model.layers.{i}.{n}", unit, n
+        yield "model.norm.weight", self.units["norm"], "weight"
+        if not self.cfg.tie_word_embeddings:
+            yield "lm_head.weight", self.units["lm_head"], "weight"
+
+    def tree(self) -> dict[str, Any]:
+        """Named numpy views: {"embed", "layers": [...], "norm", "lm_head"?} (no copies)."""
+        t: dict[str, Any] = {
+            "embed": self.units["embed"].params()["weight"],
+            "layers": [self.units[f"layers.{i}"].params() for i in range(self.cfg.num_layers)],
+            "norm": self.units["norm"].params()["weight"],
+        }
+        if not self.cfg.tie_word_embeddings:
+            t["lm_head"] = self.units["lm_head"].params()["weight"]
+        return t
+
+    def load_tree(self, tree: dict[str, Any]) -> None:
+        """Copy a tree shaped like `tree()` into the master buffers."""
+        mine = self.tree()
+        for key in ("embed", "norm", "lm_head"):
+            if key in mine:
+                mine[key][...] = np.asarray(tree[key], np.float32)
+        for dst, src in zip(mine["layers"], tree["layers"]):
+            for n in dst:
+                dst[n][...] = np.asarray(src[n], np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(u.master.nbytes for u in self.units.values())
