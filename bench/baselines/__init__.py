@@ -1,0 +1,1 @@
+"""PyTorch baselines: DeepSpeed ZeRO-3 offload and FSDP2 CPU offload."""
