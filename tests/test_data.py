@@ -309,7 +309,8 @@ def test_packing_is_oldest_first_then_first_fit(tmp_path):
     lengths = [6, 12, 10, 4, 16, 3]
     rows = [{"input_ids": rng.integers(1, 200, n).tolist()} for n in lengths]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
-    b = next(DataLoader(path, None, seq_len=16, micro_batch_size=4, micro_batches_per_step=1, shuffle=False))
+    b = next(DataLoader(path, None, seq_len=16, micro_batch_size=4, micro_batches_per_step=1, shuffle=False,
+                        num_epochs=1))
     # hand-packed: [6 + 10 (exact fit)], [12 + 4], [16], [3 + padding]
     want = [[0, 2], [1, 3], [4], [5]]
     for r, docs in enumerate(want):
