@@ -32,6 +32,7 @@ memory holds the index and the lookahead, never the tokenized dataset.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -189,6 +190,9 @@ def _index_jsonl(path: Path, fmt: str | None, vocab_size: int | None) -> _FileIn
                 except UnicodeDecodeError:
                     raise SlidejaxError(f"{where}: not valid UTF-8") from None
                 except json.JSONDecodeError as e:
+                    if not offsets and raw.lstrip().startswith(b"["):
+                        raise SlidejaxError(f"{where}: looks like one JSON array; slidejax reads JSON Lines "
+                                            "(one JSON object per line)") from None
                     raise SlidejaxError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
                 if fmt is None:
                     if not isinstance(row, dict):
@@ -310,13 +314,13 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[in
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(render(messages[:i], True)) if i else 0
-        head, upto = (render(messages[:i], True) if i else ""), render(messages[: i + 1], False)
+        head = render(messages[:i], True) if i else ""  # up to the assistant header
+        upto = render(messages[: i + 1], False)  # through the end of this assistant turn
         if not (full.startswith(head) and full.startswith(upto)):
             raise SlidejaxError(
                 f"the chat template renders earlier turns differently once later turns follow (turn {i}); "
                 "cannot isolate assistant tokens: use a template with {% generation %} blocks")
-        spans.append((start, len(upto)))
+        spans.append((len(head), len(upto)))
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     mask = [any(t_end > s and t_start < e for s, e in spans) for t_start, t_end in enc["offset_mapping"]]
     return list(enc["input_ids"]), mask
@@ -397,7 +401,7 @@ class _Encoder:
 # Packing
 
 
-def _pack_rows(pool: list[_Doc], seq_len: int) -> list[_Doc]:
+def _pack_row(pool: list[_Doc], seq_len: int) -> list[_Doc]:
     """Take one row's documents from ``pool`` (removed in place): the oldest, then first fit.
 
     Starting with the oldest pending document guarantees every document is placed within a
@@ -495,13 +499,17 @@ class DataLoader:
         self._starts = np.cumsum([0] + [len(f) for f in self._files])
         self._handles: dict[int, Any] = {}
 
+        self.rewind()
+        self._warned = False
+
+    def rewind(self) -> None:
+        """Back to the start of the first pass, counters zeroed (e.g. to run an eval loader again)."""
         self.documents_seen = 0
         self.documents_truncated = 0
         self.steps = 0
         self._epoch, self._pos = 0, 0
         self._perm = self._permutation(0)
         self._pool: list[_Doc] = []  # the packing lookahead, oldest first
-        self._warned = False
 
     # -- public properties
 
@@ -532,23 +540,46 @@ class DataLoader:
         return self
 
     def __next__(self) -> Batch:
+        rows = self._next_rows()
+        if not rows:
+            raise StopIteration
         m, b, s = self.micro_batches_per_step, self.micro_batch_size, self.seq_len
         arrays = [np.zeros((m * b, s), np.int32) for _ in range(4)]
         ids, labels, segments, positions = arrays
         ids.fill(self._encoder.pad)
         labels.fill(IGNORE)
-        filled = 0
-        for r in range(m * b):
+        for r, docs in enumerate(rows):
+            _write_row(docs, s, ids[r], labels[r], segments[r], positions[r])
+        return Batch(*(a.reshape(m, b, s) for a in arrays))
+
+    def _next_rows(self) -> list[list[_Doc]]:
+        """The next step's rows (fewer than M x B only at the very end; none once exhausted)."""
+        rows = []
+        for _ in range(self.micro_batches_per_step * self.micro_batch_size):
             self._refill()
             if not self._pool:
                 break
-            docs = [self._place(d) for d in _pack_rows(self._pool, s)]
-            _write_row(docs, s, ids[r], labels[r], segments[r], positions[r])
-            filled += 1
-        if filled == 0:
-            raise StopIteration
-        self.steps += 1
-        return Batch(*(a.reshape(m, b, s) for a in arrays))
+            rows.append([self._place(d) for d in _pack_row(self._pool, self.seq_len)])
+        if rows:
+            self.steps += 1
+        return rows
+
+    def count_steps(self) -> int:
+        """Steps a fresh run of this loader yields in its ``num_epochs`` passes (e.g. for an LR
+        schedule). Exact, and as costly as reading and tokenizing the data that many times."""
+        if self.num_epochs is None:
+            raise SlidejaxError("count_steps needs a loader with num_epochs set (it would run forever)")
+        fresh = copy.copy(self)  # shares the file index and encoder, which are read-only
+        fresh._handles = {}
+        fresh.rewind()
+        fresh._warned = True  # this loader warns about truncation when it trains, not the count
+        try:
+            n = 0
+            while fresh._next_rows():
+                n += 1
+            return n
+        finally:
+            fresh.close()
 
     def _refill(self) -> None:
         """Top the lookahead up to PACK_LOOKAHEAD documents once it has fallen to half (batched reads)."""

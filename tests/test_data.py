@@ -300,6 +300,7 @@ def test_packing_covers_each_document_once_and_fills_rows(tmp_path):
     assert fill > 0.95, fill  # first fit over the lookahead leaves little padding
     assert all(b.input_ids.shape == (3, 4, 96) for b in batches)
     assert dl.tokens_per_step == 3 * 4 * 96 and dl.steps == len(batches)
+    assert dl.count_steps() == len(batches) and dl.steps == len(batches)  # counting leaves the loader alone
     with pytest.raises(StopIteration):
         next(dl)
 
@@ -349,6 +350,9 @@ def test_epoch_order_is_the_seed_plus_epoch_permutation(tmp_path):
     assert firsts == want.tolist() and dl.epoch == 2
     # the last step holds the remaining 69 - 66 = 3 rows; its other rows are empty
     assert len(batches) == 12 and np.count_nonzero(batches[-1].segment_ids.max(axis=-1)) == 3
+    assert dl.count_steps() == 12
+    with pytest.raises(SlidejaxError, match="count_steps needs a loader with num_epochs set"):
+        DataLoader(path, None, seq_len=s, micro_batch_size=3, micro_batches_per_step=2).count_steps()
     plain = DataLoader(path, None, seq_len=s, micro_batch_size=3, micro_batches_per_step=2, shuffle=False)
     assert [k - 1 for k in next(plain).input_ids.reshape(-1, s)[:, 0]] == list(range(6))
 
@@ -418,7 +422,12 @@ def test_eval_loader_is_one_pass_in_file_order(tok):
     assert docs[0][0] == encode_prompt(tok, rows[0]["prompt"]) + tok(
         rows[0]["completion"], add_special_tokens=False).input_ids + [tok.eos_token_id]
     # the final step is padded with empty rows rather than dropping documents
-    assert batches[-1].segment_ids.max(axis=-1).min() >= 0 and batches[-1].num_targets > 0
+    assert batches[-1].num_targets > 0 and batches[-1].segment_ids.max(axis=-1).min() == 0
+    ev.rewind()  # the same loader serves every evaluation
+    again = list(ev)
+    assert len(again) == len(batches) and ev.documents_seen == 200
+    for x, y in zip(again, batches, strict=True):
+        np.testing.assert_array_equal(x.labels, y.labels)
 
 
 def test_preset_train_data_loads(tok):
@@ -483,6 +492,7 @@ def bad(tmp_path, text, name="bad.jsonl"):
     ('{"input_ids": [1, 2], "labels": [1, -5]}\n', r"bad\.jsonl:1: field 'labels'\[1\] = -5 is outside"),
     ('{"input_ids": [1, 2], "labels": [1, 3]}\n', r"bad\.jsonl:1: field 'labels'\[1\] = 3 must be -100 or equal input_ids\[1\] = 2"),
     ('\n\n', r"bad\.jsonl: no documents \(empty data file\)"),
+    ('[\n  {"text": "a"}\n]\n', r"bad\.jsonl:1: looks like one JSON array; slidejax reads JSON Lines"),
 ])
 def test_bad_jsonl_is_named_in_one_line(tok, tmp_path, content, message):
     path = bad(tmp_path, content)
