@@ -1,0 +1,285 @@
+"""Pure-JAX chunked linear + cross-entropy: the twin of the Triton path, and its shared drivers.
+
+Everything here is chunked over tokens so that at most one ``[chunk, V]`` fp32 logits block (and
+its gradient) is alive at a time. The logits block is always produced by XLA (``h_chunk @ w.T``,
+fp32 accumulation); what is done to it row by row is a :class:`BlockOps`: two functions, the
+row statistics (online max / sum-exp / target logit) and the row gradient. This module holds the
+pure-JAX ``BlockOps`` (:data:`JAX_OPS`); ``cross_entropy_triton`` holds the Triton ones. The
+drivers below take either, so the twin and the Triton path differ only in those two functions.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Target size of one fp32 logits block [chunk, V]. Large enough that the gradient GEMMs run at
+# full speed (the dw accumulation GEMM has K = chunk and re-reads the fp32 [V, H] accumulator each
+# chunk, so chunks below ~1K tokens become memory-bound on an H200), small enough to stay a few
+# percent of the full N x V logits at 16K+ tokens.
+BLOCK_BYTES = 512 * 2**20
+
+Stats = tuple[jax.Array, jax.Array, jax.Array]
+
+
+class BlockOps(NamedTuple):
+    """Row-wise work on one fp32 logits block ``[rows, cols]``.
+
+    ``labels`` are local to the block's columns (``label - vocab_start``); a label outside
+    ``[0, cols)`` contributes no target logit and no one-hot term.
+
+    stats(logits, labels, softcap) -> (m, s, t), each f32 [rows]: the row max of the (capped)
+        logits, the sum of ``exp(logit - m)``, and the (capped) target logit or 0.
+    grads(logits, labels, lse, scale, softcap, z_loss, out_dtype) -> g [rows, cols]: the gradient
+        of ``sum_i scale[i] * loss_i`` w.r.t. the raw logits, given each row's full-vocabulary
+        log-sum-exp ``lse``.
+    """
+
+    stats: Callable[..., Stats]
+    grads: Callable[..., jax.Array]
+
+
+# --------------------------------------------------------------------------- pure-JAX block ops
+
+def _softcap(z: jax.Array, softcap: float | None) -> jax.Array:
+    return z if softcap is None else softcap * jnp.tanh(z / softcap)
+
+
+def _jax_block_stats(logits: jax.Array, labels: jax.Array, softcap: float | None) -> Stats:
+    z = _softcap(logits.astype(jnp.float32), softcap)
+    cols = z.shape[1]
+    m = jnp.max(z, axis=1)
+    s = jnp.sum(jnp.exp(z - m[:, None]), axis=1)
+    inside = (labels >= 0) & (labels < cols)
+    picked = jnp.take_along_axis(z, jnp.clip(labels, 0, cols - 1)[:, None], axis=1)[:, 0]
+    return m, s, jnp.where(inside, picked, 0.0)
+
+
+def _jax_block_grads(logits, labels, lse, scale, softcap, z_loss, out_dtype) -> jax.Array:
+    z = _softcap(logits.astype(jnp.float32), softcap)
+    # d(lse + z_loss * lse^2)/dz = softmax * (1 + 2 z_loss lse); d(-z[label])/dz = -onehot.
+    coef = scale * (1.0 + 2.0 * z_loss * lse)
+    g = jnp.exp(z - lse[:, None]) * coef[:, None]
+    onehot = labels[:, None] == jnp.arange(z.shape[1], dtype=labels.dtype)[None, :]
+    g = g - jnp.where(onehot, scale[:, None], 0.0)
+    if softcap is not None:
+        g = g * (1.0 - jnp.square(z / softcap))  # d(cap * tanh(x / cap))/dx
+    return g.astype(out_dtype)
+
+
+JAX_OPS = BlockOps(stats=_jax_block_stats, grads=_jax_block_grads)
+
+
+# --------------------------------------------------------------------------- statistics algebra
+
+def init_stats(n_tokens: int) -> Stats:
+    """The identity of :func:`combine_stats`: ``m = -inf, s = 0, t = 0`` for every token."""
+    return (jnp.full((n_tokens,), -jnp.inf, jnp.float32), jnp.zeros((n_tokens,), jnp.float32),
+            jnp.zeros((n_tokens,), jnp.float32))
+
+
+def combine_stats(a: Stats, b: Stats) -> Stats:
+    """Merge the statistics of two disjoint vocabulary ranges (online log-sum-exp).
+
+    ``lse_from_stats(*combine_stats(a, b)[:2])`` is the log-sum-exp over both ranges; the target
+    logits add because exactly one range holds each token's label (the other contributes 0).
+    """
+    (ma, sa, ta), (mb, sb, tb) = a, b
+    m = jnp.maximum(ma, mb)
+    # Both -inf (two empty ranges) would give exp(nan); any finite reference works there.
+    ref = jnp.where(jnp.isfinite(m), m, 0.0)
+    return m, sa * jnp.exp(ma - ref) + sb * jnp.exp(mb - ref), ta + tb
+
+
+def lse_from_stats(m: jax.Array, s: jax.Array) -> jax.Array:
+    """Per-token log-sum-exp ``m + log(s)`` from (combined) statistics."""
+    return m + jnp.log(s)
+
+
+def loss_from_stats(
+    lse: jax.Array,
+    t: jax.Array,
+    labels: jax.Array,
+    *,
+    ignore_index: int = -100,
+    z_loss: float = 0.0,
+) -> tuple[jax.Array, jax.Array]:
+    """Summed loss and valid-token count from the full-vocabulary ``lse`` and target logit ``t``.
+
+    Per valid token the loss is ``lse - t + z_loss * lse**2``; ``t`` and ``lse`` are of the
+    soft-capped logits when the statistics were taken with a softcap, so no softcap is needed here.
+    """
+    valid = labels != ignore_index
+    per_token = lse - t + z_loss * jnp.square(lse)
+    return jnp.sum(jnp.where(valid, per_token, 0.0)), jnp.sum(valid, dtype=jnp.int32)
+
+
+# --------------------------------------------------------------------------- chunking
+
+def choose_chunk(n_rows: int, n_cols: int, chunk_size: int | None = None) -> int:
+    """Rows per block: ``chunk_size`` if given, else the largest power of two whose fp32
+    ``[chunk, n_cols]`` logits block fits :data:`BLOCK_BYTES`; never more than ``n_rows``."""
+    if chunk_size is None:
+        fit = max(1, BLOCK_BYTES // (4 * max(n_cols, 1)))
+        chunk_size = 1 << (fit.bit_length() - 1)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    return max(1, min(chunk_size, n_rows))
+
+
+def _split_rows(x: jax.Array, chunk: int, fill) -> jax.Array:
+    """[n, ...] -> [n_chunks, chunk, ...], padding the last chunk with ``fill`` (no copy when
+    ``chunk`` divides ``n``)."""
+    n = x.shape[0]
+    pad = -n % chunk
+    if pad:
+        x = jnp.concatenate([x, jnp.full((pad,) + x.shape[1:], fill, x.dtype)])
+    return x.reshape((-1, chunk) + x.shape[1:])
+
+
+def _merge_rows(x: jax.Array, n: int) -> jax.Array:
+    """Inverse of :func:`_split_rows`."""
+    return x.reshape((-1,) + x.shape[2:])[:n]
+
+
+def _precision(*arrays: jax.Array):
+    # fp32 inputs mean exactness mode: forbid TF32 on GPU. bf16 inputs need no override.
+    if any(a.dtype == jnp.float32 for a in arrays):
+        return lax.Precision.HIGHEST
+    return None
+
+
+def _matmul(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+    """``a`` x ``b`` contracting ``a``'s axis ``contract[0]`` with ``b``'s ``contract[1]``, fp32
+    out (so no transposed copy is ever made)."""
+    dims = (((contract[0],), (contract[1],)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=_precision(a, b),
+                           preferred_element_type=jnp.float32)
+
+
+def _block_logits(h_chunk: jax.Array, w: jax.Array) -> jax.Array:
+    return _matmul(h_chunk, w, (1, 1))  # [chunk, H] x [V, H] -> [chunk, V] f32
+
+
+# --------------------------------------------------------------------------- drivers
+
+def chunk_stats(
+    h: jax.Array,
+    w_chunk: jax.Array,
+    labels: jax.Array,
+    vocab_start,
+    *,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    ops: BlockOps = JAX_OPS,
+) -> Stats:
+    """Statistics of ``softcap(h @ w_chunk.T)`` per token, chunked over tokens (see
+    :func:`slidejax.kernels.lce_chunk_stats`)."""
+    n, vc = h.shape[0], w_chunk.shape[0]
+    chunk = choose_chunk(n, vc, chunk_size)
+    local = (labels - vocab_start).astype(jnp.int32)
+    xs = (_split_rows(h, chunk, 0), _split_rows(local, chunk, -1))
+
+    def body(_, x):
+        h_c, y_c = x
+        return None, ops.stats(_block_logits(h_c, w_chunk), y_c, softcap)
+
+    _, (m, s, t) = lax.scan(body, None, xs)
+    return _merge_rows(m, n), _merge_rows(s, n), _merge_rows(t, n)
+
+
+def chunk_grads(
+    h: jax.Array,
+    w_chunk: jax.Array,
+    labels: jax.Array,
+    vocab_start,
+    lse: jax.Array,
+    row_scale: jax.Array,
+    *,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+    ops: BlockOps = JAX_OPS,
+) -> tuple[jax.Array, jax.Array]:
+    """This vocabulary chunk's share of the gradient of ``sum_i row_scale[i] * loss_i``:
+    ``(dh f32 [N, H], dw_chunk f32 [Vc, H])`` (see :func:`slidejax.kernels.lce_chunk_grads`)."""
+    n, vc = h.shape[0], w_chunk.shape[0]
+    chunk = choose_chunk(n, vc, chunk_size)
+    g_dtype = jnp.promote_types(h.dtype, w_chunk.dtype)
+    local = (labels - vocab_start).astype(jnp.int32)
+    xs = (_split_rows(h, chunk, 0), _split_rows(local, chunk, -1),
+          _split_rows(lse.astype(jnp.float32), chunk, 0),
+          _split_rows(row_scale.astype(jnp.float32), chunk, 0))
+
+    def body(dw, x):
+        h_c, y_c, lse_c, scale_c = x
+        g = ops.grads(_block_logits(h_c, w_chunk), y_c, lse_c, scale_c, softcap, z_loss, g_dtype)
+        dw = dw + _matmul(g, h_c, (0, 0))  # [chunk, Vc] x [chunk, H] -> [Vc, H]
+        return dw, _matmul(g, w_chunk, (1, 0))  # [chunk, Vc] x [Vc, H] -> [chunk, H]
+
+    dw0 = jnp.zeros((vc, h.shape[1]), jnp.float32)
+    dw, dh = lax.scan(body, dw0, xs)
+    return _merge_rows(dh, n), dw
+
+
+def fused_loss(
+    h: jax.Array,
+    w: jax.Array,
+    labels: jax.Array,
+    *,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+    ops: BlockOps = JAX_OPS,
+) -> tuple[jax.Array, jax.Array]:
+    """Forward only: ``(loss_sum, n_valid)`` from the statistics, no gradient blocks."""
+    m, s, t = chunk_stats(h, w, labels, 0, softcap=softcap, chunk_size=chunk_size, ops=ops)
+    return loss_from_stats(lse_from_stats(m, s), t, labels, ignore_index=ignore_index,
+                           z_loss=z_loss)
+
+
+def fused_forward(
+    h: jax.Array,
+    w: jax.Array,
+    labels: jax.Array,
+    *,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+    ops: BlockOps = JAX_OPS,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Loss and gradients in one pass over token chunks (Liger's design).
+
+    Per chunk: logits block by XLA, row statistics, the logits gradient (in the inputs' dtype, so
+    the two gradient GEMMs run at bf16 speed in training), ``dh_chunk = g @ w`` and
+    ``dw += g.T @ h_chunk`` (fp32). Returns ``(loss_sum, n_valid, dh, dw)``: the gradients of
+    ``loss_sum``, ``dh`` in ``h.dtype`` and ``dw`` in ``w.dtype``.
+    """
+    n, v = h.shape[0], w.shape[0]
+    chunk = choose_chunk(n, v, chunk_size)
+    g_dtype = jnp.promote_types(h.dtype, w.dtype)
+    # Ignored rows get scale 0, which zeroes their gradient row (one-hot term included).
+    scale = (labels != ignore_index).astype(jnp.float32)
+    xs = (_split_rows(h, chunk, 0), _split_rows(labels.astype(jnp.int32), chunk, -1),
+          _split_rows(scale, chunk, 0))
+
+    def body(dw, x):
+        h_c, y_c, scale_c = x
+        logits = _block_logits(h_c, w)
+        m, s, t = ops.stats(logits, y_c, softcap)
+        lse = lse_from_stats(m, s)
+        g = ops.grads(logits, y_c, lse, scale_c, softcap, z_loss, g_dtype)
+        dw = dw + _matmul(g, h_c, (0, 0))
+        dh = _matmul(g, w, (1, 0)).astype(h.dtype)
+        return dw, (dh, lse, t)
+
+    dw0 = jnp.zeros(w.shape, jnp.float32)
+    dw, (dh, lse, t) = lax.scan(body, dw0, xs)
+    loss_sum, n_valid = loss_from_stats(_merge_rows(lse, n), _merge_rows(t, n), labels,
+                                        ignore_index=ignore_index, z_loss=z_loss)
+    return loss_sum, n_valid, _merge_rows(dh, n), dw.astype(w.dtype)
