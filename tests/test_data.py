@@ -439,6 +439,37 @@ def test_preset_train_data_loads(tok):
     assert np.count_nonzero(b.segment_ids) / b.segment_ids.size > 0.9
 
 
+class CountingTokenizer:
+    """The preset tokenizer, counting the texts it is asked to tokenize."""
+
+    def __init__(self, tok):
+        self.tok, self.texts = tok, 0
+
+    def __call__(self, texts, **kw):
+        self.texts += len(texts) if isinstance(texts, list) else 1
+        return self.tok(texts, **kw)
+
+    def __len__(self):
+        return len(self.tok)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_documents_are_tokenized_lazily(tok):
+    """Streaming: a step tokenizes about a lookahead's worth of documents, not the dataset."""
+    from slidejax.data import PACK_LOOKAHEAD
+    counting = CountingTokenizer(tok)
+    dl = DataLoader(preset_path("tiny") / "train.jsonl", counting, seq_len=128, micro_batch_size=2,
+                    micro_batches_per_step=1)
+    assert counting.texts <= 2  # indexing validates every record without tokenizing any
+    b = next(dl)
+    docs = int(b.segment_ids.max(axis=-1).sum())
+    # prompt + completion per document, for at most the lookahead plus one refill
+    assert 2 * docs <= counting.texts <= 2 * (PACK_LOOKAHEAD + docs) + 2 < 2 * dl.num_documents / 10
+    assert len(dl._pool) <= PACK_LOOKAHEAD
+
+
 # ----------------------------------------------------------------------------------------------
 # Over-long documents
 
