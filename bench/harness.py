@@ -264,7 +264,8 @@ def plot(cells: list[Cell], path: Path, title: str) -> None:
     ax1.set_ylabel("tokens / s (median, min-max)")
     ax1.set_title("throughput")
     ax1.grid(alpha=0.3)
-    ax1.legend()
+    if ax1.lines:
+        ax1.legend()
 
     labels, gpu, host = [], [], []
     for c in cells:
@@ -311,18 +312,18 @@ def machine() -> str:
 
 
 def report(cells: list[Cell], out_dir: Path, meta: dict[str, Any], final: bool) -> None:
-    """Writes results.md, results.json and throughput.png; prints the table when final."""
+    """Writes results.md and results.json; when final also throughput.png and the table."""
     rows = table_rows(cells)
     (out_dir / "results.md").write_text(markdown(rows, meta))
     summaries = [{"system": c.system, "tokens_per_step": c.tokens, "summary": c.summary(),
                   "errors": c.errors} for c in cells]
     (out_dir / "results.json").write_text(json.dumps({"meta": meta, "cells": summaries}, indent=1))
-    try:
-        plot(cells, out_dir / "throughput.png",
-             f"{meta['layers']} layers, seq {meta['seq_len']}: {meta['machine'].split(';')[0]}")
-    except Exception as exc:  # a plot must never cost the numbers
-        print(f"plot failed: {exc}", flush=True)
-    if final:
+    if final:  # plotting takes a second or two: once, at the end
+        try:
+            plot(cells, out_dir / "throughput.png",
+                 f"{meta['layers']} layers, seq {meta['seq_len']}: {meta['machine'].split(';')[0]}")
+        except Exception as exc:  # a plot must never cost the numbers
+            print(f"plot failed: {exc}", flush=True)
         print()
         print(text_table(rows))
         print(f"\nwritten: {out_dir / 'results.md'}, {out_dir / 'throughput.png'}", flush=True)
@@ -381,15 +382,18 @@ def main(argv: list[str] | None = None, systems: dict[str, list[str]] | None = N
         "warmup": args.warmup, "repeats": args.repeats,
     }
     print(f"machine: {meta['machine']}", flush=True)
-    for repeat in range(args.repeats):  # repeats outermost: drift spreads over every system
-        for cell in cells:
-            out = run_system(cell.system, systems[cell.system], cell.tokens, repeat, args, args.out)
-            if isinstance(out, dict):
-                cell.results.append(out)
-            else:
-                cell.errors.append(out)
-            report(cells, args.out, meta, final=False)
-    report(cells, args.out, meta, final=True)
+    try:
+        for repeat in range(args.repeats):  # repeats outermost: drift spreads over every system
+            for cell in cells:
+                out = run_system(cell.system, systems[cell.system], cell.tokens, repeat, args,
+                                 args.out)
+                if isinstance(out, dict):
+                    cell.results.append(out)
+                else:
+                    cell.errors.append(out)
+                report(cells, args.out, meta, final=False)
+    finally:  # interrupted too: report what was measured
+        report(cells, args.out, meta, final=True)
     return cells
 
 
