@@ -3,11 +3,15 @@
     python bench/harness.py --out runs/bench --systems slidejax,deepspeed,fsdp2 \\
         --layers 16 --tokens 16384,65536 --seq-len 4096 --steps 5 --repeats 2
 
+    python bench/harness.py --out runs/all --merge call1/results.json,call2/results.json
+
 Each (system, tokens per step, repeat) runs as a fresh subprocess (memory peaks are per process)
 with a time limit and a host-memory guard; a system that fails, runs out of memory or hangs is
 recorded with its error line and the rest go on. After every run the harness rewrites
-``DIR/results.md`` (rows ready for bench/RESULTS.md, with date, machine and the exact command),
-``DIR/results.json`` and ``DIR/throughput.png``; per-run JSONs and logs are in ``DIR/runs/``.
+``DIR/results.md`` (rows ready for bench/RESULTS.md, with date, machine and the exact command) and
+``DIR/results.json`` (every run's full result); at the end it prints the table and draws
+``DIR/throughput.png``. Per-run JSONs and logs are in ``DIR/runs/``. ``--merge`` makes one report
+from several such results.json files (one per device call, say) without running anything.
 """
 
 from __future__ import annotations
@@ -315,9 +319,9 @@ def report(cells: list[Cell], out_dir: Path, meta: dict[str, Any], final: bool) 
     """Writes results.md and results.json; when final also throughput.png and the table."""
     rows = table_rows(cells)
     (out_dir / "results.md").write_text(markdown(rows, meta))
-    summaries = [{"system": c.system, "tokens_per_step": c.tokens, "summary": c.summary(),
-                  "errors": c.errors} for c in cells]
-    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "cells": summaries}, indent=1))
+    saved = [{"system": c.system, "tokens_per_step": c.tokens, "summary": c.summary(),
+              "results": c.results, "errors": c.errors} for c in cells]
+    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "cells": saved}, indent=1))
     if final:  # plotting takes a second or two: once, at the end
         try:
             plot(cells, out_dir / "throughput.png",
@@ -348,13 +352,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="kill a run when the host's available memory falls below this")
     p.add_argument("--python", default=sys.executable, help="interpreter for the runners")
     p.add_argument("--tiny", action="store_true", help="pass --tiny to every runner (CPU check)")
+    p.add_argument("--merge", default=None, metavar="JSON[,JSON...]",
+                   help="run nothing: combine earlier runs' results.json files into one report")
     return p.parse_args(argv)
+
+
+def merge(paths: list[Path], out_dir: Path) -> list[Cell]:
+    """One report from several harness runs' results.json (e.g. one per device call).
+
+    Cells of the same system and tokens per step are pooled; the runs must share the model
+    (layers) and sequence length.
+    """
+    cells: dict[tuple[str, int], Cell] = {}
+    meta: dict[str, Any] = {}
+    commands = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        m = data["meta"]
+        if meta and (m["layers"], m["seq_len"]) != (meta["layers"], meta["seq_len"]):
+            raise SystemExit(f"{path}: {m['layers']} layers, seq {m['seq_len']}; the first file "
+                             f"has {meta['layers']} layers, seq {meta['seq_len']}")
+        meta = meta or dict(m)
+        commands.append(m["command"])
+        meta["repeats"] = max(meta["repeats"], m["repeats"])
+        for c in data["cells"]:
+            cell = cells.setdefault((c["system"], c["tokens_per_step"]),
+                                    Cell(c["system"], c["tokens_per_step"]))
+            cell.results += c["results"]
+            cell.errors += c["errors"]
+    meta["command"] = " ; ".join(dict.fromkeys(commands))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ordered = sorted(cells.values(), key=lambda c: c.tokens)  # stable: systems keep their order
+    report(ordered, out_dir, meta, final=True)
+    return ordered
 
 
 def main(argv: list[str] | None = None, systems: dict[str, list[str]] | None = None) -> list[Cell]:
     """Runs the matrix; ``systems`` overrides the registry (tests use fake systems)."""
     systems = SYSTEMS if systems is None else systems
     args = parse_args(argv)
+    if args.merge:
+        return merge([Path(p) for p in args.merge.split(",") if p.strip()], args.out)
     names = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = [n for n in names if n not in systems]
     if unknown:

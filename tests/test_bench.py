@@ -234,6 +234,27 @@ def test_harness_rejects_unknown_system_before_running(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_harness_merges_separate_calls(tmp_path):
+    systems = _fake_systems(tmp_path)
+    common_args = ["--tokens", "256", "--seq-len", "128", "--layers", "2", "--steps", "2",
+                   "--warmup", "0", "--tiny"]
+    harness.main(["--out", str(tmp_path / "a"), "--systems", "slidejax", *common_args], systems)
+    harness.main(["--out", str(tmp_path / "b"), "--systems", "deepspeed,fsdp2", *common_args],
+                 systems)
+    cells = harness.main(["--out", str(tmp_path / "all"), "--merge",
+                          f"{tmp_path / 'a' / 'results.json'},{tmp_path / 'b' / 'results.json'}"])
+    assert [c.system for c in cells] == ["slidejax", "deepspeed", "fsdp2"]
+    md = (tmp_path / "all" / "results.md").read_text()
+    assert "| 0.25 / 4.00 |" in md and "FAILED" in md
+    assert md.count("python bench/harness.py") == 2  # both calls' commands
+    assert (tmp_path / "all" / "throughput.png").stat().st_size > 10_000
+    harness.main(["--out", str(tmp_path / "c"), "--systems", "slidejax", *common_args,
+                  "--layers", "3"], systems)  # the last --layers wins
+    with pytest.raises(SystemExit, match="layers"):
+        harness.main(["--out", str(tmp_path / "x"), "--merge",
+                      f"{tmp_path / 'a' / 'results.json'},{tmp_path / 'c' / 'results.json'}"])
+
+
 # ----------------------------------------------------------------------------------------------
 # The baselines' own code on tiny models
 
