@@ -10,7 +10,7 @@ arithmetic is optax's, operation for operation, in float32 (see `HostAdamW` in
 bfloat16 data is handled as uint16 bit patterns (numba has no bfloat16 type): bf16 -> f32 is a
 16-bit shift, f32 -> bf16 is round-to-nearest-even on the bits, with NaN kept NaN exactly as
 `ml_dtypes` casts it. The second moment in bfloat16 uses *stochastic rounding* (see
-`sr_key`), because round-to-nearest of `b2 * v + (1 - b2) * g**2` stalls: with b2 = 0.999 an
+`sr_noise`), because round-to-nearest of `b2 * v + (1 - b2) * g**2` stalls: with b2 = 0.999 an
 increment is ~1e-3 of v, below bf16's half-ulp (2**-9).
 
 Threading: the work is split into one large contiguous block of spans per thread (`prange` over the
@@ -59,6 +59,10 @@ def _finish_bf16(builder, bits, rounded):
     is_nan = builder.icmp_unsigned(">", builder.and_(bits, _c32(0x7FFFFFFF)), _c32(0x7F800000))
     out = builder.select(is_nan, _nan_to_bf16(builder, bits), builder.lshr(rounded, _c32(16)))
     return builder.trunc(out, _i16)
+
+
+def _rotl(builder, x, r: int):
+    return builder.or_(builder.shl(x, _c32(r)), builder.lshr(x, _c32(32 - r)))
 
 
 def _lowbias32(builder, x):
@@ -113,16 +117,21 @@ def _rne_like(typingctx, x, like):
 
 
 @intrinsic
-def _sr_like(typingctx, x, key, like):
+def _sr_like(typingctx, x, key, p, g, like):
     """float32 x as an element of array `like`: itself, or bf16 bits rounded stochastically with
-    16 noise bits hash(bits(x) ^ key)."""
+    16 noise bits of `sr_noise(bits(x), bits(p), bits(g), key)`."""
     if x != types.float32 or key != types.uint32 or not isinstance(like, types.Array):
+        return None
+    if p != types.float32 or g != types.float32:
         return None
     if _is_bf16(like.dtype):
 
         def codegen(context, builder, signature, args):
-            bits = builder.bitcast(args[0], _i32)
-            noise = builder.and_(_lowbias32(builder, builder.xor(bits, args[1])), _c32(0xFFFF))
+            x_, key_, p_, g_, _ = args
+            bits = builder.bitcast(x_, _i32)
+            mixed = builder.xor(builder.xor(bits, key_), _rotl(builder, builder.bitcast(p_, _i32), 11))
+            mixed = builder.xor(mixed, _rotl(builder, builder.bitcast(g_, _i32), 22))
+            noise = builder.and_(_lowbias32(builder, mixed), _c32(0xFFFF))
             return _finish_bf16(builder, bits, builder.add(bits, noise))
 
     else:
@@ -130,7 +139,7 @@ def _sr_like(typingctx, x, key, like):
         def codegen(context, builder, signature, args):
             return args[0]
 
-    return like.dtype(x, key, like), codegen
+    return like.dtype(x, key, p, g, like), codegen
 
 
 def lowbias32(x: np.ndarray | int) -> np.ndarray:
@@ -145,16 +154,33 @@ def lowbias32(x: np.ndarray | int) -> np.ndarray:
 
 
 def sr_key(count: int, seed: int) -> np.uint32:
-    """Per-step key of the bf16 second moment's stochastic rounding.
+    """Per-step key of the bf16 second moment's stochastic rounding (count: the 1-based step):
+    lowbias32((count * 0x9E3779B9 mod 2**32) ^ seed)."""
+    x = ((count * 0x9E3779B9) ^ seed) & 0xFFFFFFFF
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & 0xFFFFFFFF  # lowbias32 on a python int: no numpy overhead
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & 0xFFFFFFFF
+    return np.uint32(x ^ (x >> 16))
 
-    The rounding noise of an element is hash(bits(v_fp32) ^ key(step, seed)): it depends on the
-    value and the step, not on where the element sits, so any layout of the same parameters (a
-    unit's flat buffer, a whole-model pytree, a row-split update) rounds identically and a plain
-    optax transformation can reproduce it (`slidejax.host_optimizer.scale_by_adam_bf16`). Over
-    steps the noise is uniform, so the stored v is unbiased: E[bf16(v)] = v.
+
+def sr_noise(v_bits: np.ndarray, p_bits: np.ndarray, g_bits: np.ndarray, key: np.uint32) -> np.ndarray:
+    """The stochastic rounding's 32 random bits of one element (its low 16 are added to v's bits):
+    lowbias32(bits(v) ^ key ^ rotl(bits(p), 11) ^ rotl(bits(g), 22)).
+
+    They hash the element's own inputs: the unrounded float32 v, the weight p before the step and
+    the scaled gradient g, with the step's key. So the rounding depends on no layout (a unit's flat
+    buffer, a whole-model pytree and a row-split update round alike, and a plain optax
+    transformation reproduces it: `slidejax.host_optimizer.scale_by_adam_bf16`), elements that
+    differ in anything get independent noise, and identical elements stay identical. Over steps
+    the noise is uniform, so the stored v is unbiased: E[bf16(v)] = v. (One hash round, the
+    rotations keeping the three floats' sign and exponent fields apart: the bf16-moment pass
+    must stay DRAM-bound on many cores, and 32-bit multiplies are its costliest operations.)
     """
-    mixed = lowbias32(np.uint32((count * 0x9E3779B9) & 0xFFFFFFFF) ^ np.uint32(seed & 0xFFFFFFFF))
-    return np.uint32(mixed)
+
+    def rotl(x, r):
+        x = np.asarray(x, np.uint32)
+        return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
+
+    return lowbias32(np.asarray(v_bits, np.uint32) ^ np.uint32(key) ^ rotl(p_bits, 11) ^ rotl(g_bits, 22))
 
 
 # Everything a call runs is written out in these two functions, with the dtype handling in
@@ -169,16 +195,16 @@ def adamw_spans(spans, nthreads, decay_split, master, m, v, grad, zeros, upload,
     Span elements lo + j read the gradient grad[gstart + j], or `zeros[j]` where gstart < 0 (a row
     with no gradient gets the full update with g = 0, exactly as optax with a dense zero). Thread t
     takes spans [S t / T, S (t+1) / T): one contiguous block each. Elements below `decay_split` get
-    weight decay. `hp` is the float32 tuple (1-b1, b1, 1-b2, b2, rbc1, rbc2, eps_root, eps, wd, -lr,
+    weight decay. `hp` is the float32 tuple (1-b1, b1, 1-b2, b2, bc1, bc2, eps_root, eps, wd, -lr,
     grad_scale) (a tuple is a value: no aliasing doubt keeps its loads in the loop), `key` the
     stochastic-rounding key of bf16 v.
 
-    Per element, in optax.adamw's order of operations (XLA turns optax's division by the scalar
-    bias correction 1 - b**count into a product with its float32 reciprocal rbc):
-    mu = (1-b1) g + b1 m; nu = (1-b2) g^2 + b2 v; u = (mu rbc1) / (sqrt(nu rbc2 + eps_root) + eps);
-    u += wd p (decayed elements only); p = p + (-lr) u.
+    Per element, in optax.adamw's order of operations, with bc = 1 - b**count in float32:
+    mu = (1-b1) g + b1 m; nu = (1-b2) g^2 + b2 v; u = (mu / bc1) / (sqrt(nu / bc2 + eps_root) + eps);
+    u += wd p (decayed elements only); p = p + (-lr) u. (XLA sometimes rewrites optax's division
+    by the scalar bc into a product with 1/bc: it does for a one-leaf pytree, not for several.)
     """
-    c1, b1, c2, b2, rbc1, rbc2, eps_root, eps, wd, neg_lr, scale = hp
+    c1, b1, c2, b2, bc1, bc2, eps_root, eps, wd, neg_lr, scale = hp
     ns = spans.shape[0]
     for t in prange(nthreads):
         for s in range(ns * t // nthreads, ns * (t + 1) // nthreads):
@@ -196,15 +222,15 @@ def adamw_spans(spans, nthreads, decay_split, master, m, v, grad, zeros, upload,
             u_ = upload[lo:hi] if write_upload else upload[:0]
             for j in range(k):
                 g = _to_f32(g_[j]) * scale
-                p = p_[j]
+                p0 = p_[j]
                 mu = c1 * g + b1 * _to_f32(m_[j])
                 nu = c2 * (g * g) + b2 * _to_f32(v_[j])
-                u = (mu * rbc1) / (np.sqrt(nu * rbc2 + eps_root) + eps)
-                u = u + wd * p if j < jd else u
-                p = p + neg_lr * u
+                u = (mu / bc1) / (np.sqrt(nu / bc2 + eps_root) + eps)
+                u = u + wd * p0 if j < jd else u
+                p = p0 + neg_lr * u
                 p_[j] = p
                 m_[j] = _rne_like(mu, m_)
-                v_[j] = _sr_like(nu, key, v_)
+                v_[j] = _sr_like(nu, key, p0, g, v_)
                 if write_upload:
                     u_[j] = _rne_like(p, u_)
 
@@ -229,6 +255,7 @@ def store_params(src, nthreads, master, upload, write_upload):
 
 _launch_lock = threading.Lock()
 _needs_lock: bool | None = None
+_thread_count = threading.local()
 
 
 def max_threads() -> int:
@@ -248,20 +275,18 @@ def _serialised() -> bool:
 def launch(kernel, nthreads: int, *args) -> None:
     """Run a parallel kernel (`adamw_spans` or `store_params`) on `nthreads` threads.
 
-    `kernel(first, nthreads, *rest)` is called with the calling thread's numba thread count set to
-    `nthreads` (numba's setting is per calling thread, so concurrent callers do not disturb each
-    other), under a lock when the threading layer is 'workqueue'.
+    Sets the calling thread's numba thread count to `nthreads` first (numba's setting is per
+    calling thread, so concurrent callers do not disturb each other; it is left set, and only
+    changed when it differs: setting it costs tens of microseconds), and runs under a lock when
+    the threading layer is 'workqueue'. `kernel` is called as kernel(args[0], nthreads, *args[1:]).
     """
     nthreads = max(1, min(int(nthreads), max_threads()))
-    first, rest = args[0], args[1:]
-    lock = _launch_lock if _serialised() else None
-    if lock is not None:
-        lock.acquire()
-    previous = numba.get_num_threads()
-    try:
+    serialised = _serialised()
+    if getattr(_thread_count, "n", None) != nthreads:
         numba.set_num_threads(nthreads)
-        kernel(first, nthreads, *rest)
-    finally:
-        numba.set_num_threads(previous)
-        if lock is not None:
-            lock.release()
+        _thread_count.n = nthreads
+    if serialised:
+        with _launch_lock:
+            kernel(args[0], nthreads, *args[1:])
+    else:
+        kernel(args[0], nthreads, *args[1:])

@@ -248,11 +248,14 @@ class HostAdamW:
       moment_dtype: float32 (12 bytes/param with the master) or bfloat16 (8 bytes/param). In
         bfloat16, m is stored rounded to nearest even (like optax's `mu_dtype`) and v is stored
         with *stochastic* rounding: rounding v to nearest stalls, since with b2 = 0.999 a step
-        changes v by ~0.1%, less than half a bf16 ulp, so v would never decay. Stochastic rounding
-        keeps v unbiased (noise from a hash of v's fp32 bits and the step, seeded by `seed`:
-        deterministic, layout-independent, reproduced by `adamw_bf16`). Both moments are
-        updated in float32 from the stored values, and the step uses the unrounded float32
-        moments, as optax does.
+        changes v by ~0.1%, less than half a bf16 ulp, so v would never decay (or grow).
+        Stochastic rounding keeps v unbiased; its price is noise of a few % in each element's v
+        (2**-8 rounding steps, remembered over ~1/(1-b2) steps), i.e. about half that in its step
+        size. The noise is a hash of the element's v, weight, gradient, step and `seed`
+        (`fused_adamw.sr_noise`): deterministic and layout-independent, reproduced by
+        `adamw_bf16`. Both moments are updated in float32 from the stored values, and the step
+        uses the unrounded float32 moments, as optax does (optax's `mu_dtype` instead rounds
+        b1 * m to bf16 before adding).
       threads: threads per update call; default `default_threads()`.
     """
 
@@ -336,11 +339,10 @@ class HostAdamW:
             if count not in self._hyper_cache:
                 f = np.float32
                 t = f(count + 1)
-                # float32 pow, as optax's `1 - decay**count` (bit-equal to XLA:CPU's; tested); XLA
-                # turns optax's division by it into a product with its float32 reciprocal.
-                rbc1 = f(1) / (f(1) - np.power(f(self.b1), t))
-                rbc2 = f(1) / (f(1) - np.power(f(self.b2), t))
-                hp = (f(1 - self.b1), f(self.b1), f(1 - self.b2), f(self.b2), rbc1, rbc2,
+                # float32 pow, as optax's `1 - decay**count` (bit-equal to XLA:CPU's; tested).
+                bc1 = f(1) - np.power(f(self.b1), t)
+                bc2 = f(1) - np.power(f(self.b2), t)
+                hp = (f(1 - self.b1), f(self.b1), f(1 - self.b2), f(self.b2), bc1, bc2,
                       f(self.eps_root), f(self.eps), f(self.weight_decay), self._neg_lr(count))
                 # Replace, never mutate, the dict: readers outside the lock see old or new whole.
                 keep = {k: v for k, v in self._hyper_cache.items() if abs(k - count) <= 2}
@@ -452,15 +454,19 @@ def _lowbias32_jnp(x: jax.Array) -> jax.Array:
 
 def _sr_key_jnp(count: jax.Array, seed: int) -> jax.Array:
     """jnp twin of `fused_adamw.sr_key`."""
-    mixed = count.astype(jnp.uint32) * jnp.uint32(0x9E3779B9) ^ jnp.uint32(seed & 0xFFFFFFFF)
-    return _lowbias32_jnp(mixed)
+    return _lowbias32_jnp(count.astype(jnp.uint32) * jnp.uint32(0x9E3779B9) ^ jnp.uint32(seed & 0xFFFFFFFF))
 
 
-def _to_bf16_stochastic(x: jax.Array, key: jax.Array) -> jax.Array:
-    """float32 -> bfloat16 with the fused kernel's stochastic rounding (NaN kept as ml_dtypes does)."""
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    noise = _lowbias32_jnp(bits ^ key) & jnp.uint32(0xFFFF)
-    rounded = (bits + noise) >> 16
+def _to_bf16_stochastic(v: jax.Array, p: jax.Array, g: jax.Array, key: jax.Array) -> jax.Array:
+    """float32 v -> bfloat16 with the fused kernel's stochastic rounding (`fused_adamw.sr_noise`;
+    NaN kept as ml_dtypes does)."""
+    def rotl(x, r):
+        x = jax.lax.bitcast_convert_type(x, jnp.uint32)
+        return (x << r) | (x >> (32 - r))
+
+    bits = jax.lax.bitcast_convert_type(v, jnp.uint32)
+    h = _lowbias32_jnp(bits ^ key ^ rotl(p, 11) ^ rotl(g, 22))
+    rounded = (bits + (h & jnp.uint32(0xFFFF))) >> 16
     is_nan = (bits & jnp.uint32(0x7FFFFFFF)) > jnp.uint32(0x7F800000)
     nan = ((bits >> 16) & jnp.uint32(0x8000)) | jnp.uint32(0x7FC0)
     out = jnp.where(is_nan, nan, rounded).astype(jnp.uint16)
@@ -473,7 +479,8 @@ def scale_by_adam_bf16(
     """`optax.scale_by_adam` with bfloat16 moments, rounded as `HostAdamW(moment_dtype=bfloat16)`.
 
     Moments are updated in float32 from their stored bf16 values; m is stored rounded to nearest
-    even, v stochastically (see `HostAdamW`); the step uses the unrounded float32 moments.
+    even, v stochastically (see `HostAdamW`); the step uses the unrounded float32 moments. Needs
+    `params` in `update` (the rounding noise hashes each element's weight).
     """
 
     def init_fn(params):
@@ -483,23 +490,21 @@ def scale_by_adam_bf16(
         )
 
     def update_fn(updates, state, params=None):
-        del params
+        if params is None:
+            raise ValueError("scale_by_adam_bf16: the stochastic rounding of v needs params")
+        f32 = jnp.float32
+        grads = jax.tree.map(lambda g: g.astype(f32), updates)
+        mu = jax.tree.map(lambda g, m: (1 - b1) * g + b1 * m.astype(f32), grads, state.mu)
+        nu = jax.tree.map(lambda g, v: (1 - b2) * (g * g) + b2 * v.astype(f32), grads, state.nu)
         count_inc = optax.safe_increment(state.count)
-        bc1 = 1 - b1**count_inc
-        bc2 = 1 - b2**count_inc
+        # optax's own (jitted) bias correction, so its float32 pow and division are optax's.
+        mu_hat = optax.tree_utils.tree_bias_correction(mu, b1, count_inc)
+        nu_hat = optax.tree_utils.tree_bias_correction(nu, b2, count_inc)
+        new_updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v + eps_root) + eps), mu_hat, nu_hat)
         key = _sr_key_jnp(count_inc, seed)
-
-        def leaf(g, m, v):
-            g = g.astype(jnp.float32)
-            mu = (1 - b1) * g + b1 * m.astype(jnp.float32)
-            nu = (1 - b2) * (g * g) + b2 * v.astype(jnp.float32)
-            u = (mu / bc1) / (jnp.sqrt(nu / bc2 + eps_root) + eps)
-            return u, mu.astype(jnp.bfloat16), _to_bf16_stochastic(nu, key)
-
-        out = jax.tree.map(leaf, updates, state.mu, state.nu)
-        treedef = jax.tree.structure(updates)
-        u, mu, nu = (treedef.unflatten(x) for x in zip(*treedef.flatten_up_to(out)))
-        return u, optax.ScaleByAdamState(count=count_inc, mu=mu, nu=nu)
+        mu = jax.tree.map(lambda m: m.astype(jnp.bfloat16), mu)
+        nu = jax.tree.map(lambda v, p, g: _to_bf16_stochastic(v, p.astype(f32), g, key), nu, params, grads)
+        return new_updates, optax.ScaleByAdamState(count=count_inc, mu=mu, nu=nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
 

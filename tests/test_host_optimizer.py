@@ -1,0 +1,504 @@
+"""Host optimizer: the fused numba AdamW and the generic optax path against optax itself."""
+
+import copy
+import threading
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+
+from slidejax import fused_adamw as fa
+from slidejax.errors import SlidejaxError
+from slidejax.host_optimizer import (
+    HostAdamW,
+    HostOptax,
+    HostOptimizer,
+    HostOptState,
+    aligned_zeros,
+    decay_mask,
+    default_threads,
+    make_host_optimizer,
+)
+
+BF16 = ml_dtypes.bfloat16
+CPU = jax.devices("cpu")[0]
+
+
+def _rand(rng, shape, dtype=np.float32, scale=1.0):
+    """Fresh random data (never zeros) in a 64-byte aligned buffer."""
+    out = aligned_zeros(shape, dtype)
+    out[...] = (rng.standard_normal(shape) * scale).astype(dtype)
+    return out
+
+
+def _bits(a):
+    a = np.asarray(a)
+    return a.view(np.uint16) if a.dtype == BF16 else a.view(np.uint32)
+
+
+def _assert_bitwise(actual, expected, what):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.dtype == expected.dtype, what
+    diff = np.flatnonzero(_bits(actual).ravel() != _bits(expected).ravel())
+    assert diff.size == 0, f"{what}: {diff.size} elements differ, first at {diff[:5]}"
+
+
+def _split_tree(flat, split):
+    return {"decayed": jnp.asarray(flat[:split]), "plain": jnp.asarray(flat[split:])}
+
+
+MASK = {"decayed": True, "plain": False}
+
+
+def _run_optax(tx, master0, grads, scales, split, jit):
+    """Reference: optax on a two-leaf pytree ([0, split) decayed, the rest not)."""
+    params = _split_tree(master0, split)
+    state = tx.init(params)
+    update = jax.jit(tx.update) if jit else tx.update
+    for g, s in zip(grads, scales):
+        gf = g.astype(np.float32) * np.float32(s)
+        updates, state = update(_split_tree(gf, split), state, params)
+        params = optax.apply_updates(params, updates)
+    flat = np.concatenate([np.asarray(params["decayed"]), np.asarray(params["plain"])])
+    adam = state[0]
+    flat_m = np.concatenate([np.asarray(adam.mu["decayed"]), np.asarray(adam.mu["plain"])])
+    flat_v = np.concatenate([np.asarray(adam.nu["decayed"]), np.asarray(adam.nu["plain"])])
+    return flat, flat_m, flat_v
+
+
+def _run_host(opt, master0, grads, scales, split, upload_dtype):
+    master = aligned_zeros(master0.shape)
+    master[:] = master0
+    upload = None if upload_dtype is None else aligned_zeros(master0.shape, upload_dtype)
+    state = opt.init(master.shape)
+    for g, s in zip(grads, scales):
+        opt.update(state, master, g, upload, decay_split=split, grad_scale=s)
+    return master, state, upload
+
+
+# Odd length, not a multiple of any block or vector width; 3 threads give unequal, aligned blocks.
+N, SPLIT, STEPS = 70001, 41003, 12
+
+
+@pytest.mark.parametrize("grad_dtype,upload_dtype", [(BF16, BF16), (np.float32, np.float32), (BF16, None)])
+def test_fused_equals_optax_adamw_bitwise(grad_dtype, upload_dtype):
+    """Constant learning rate, un-jitted optax on a multi-leaf pytree: the same float32
+    operations, so the same bits. (On a one-leaf pytree XLA turns optax's division by the bias
+    correction into a product with its reciprocal, which rounds differently.)"""
+    rng = np.random.default_rng(0)
+    master0 = _rand(rng, N)
+    grads = [_rand(rng, N, grad_dtype) for _ in range(STEPS)]
+    scales = list(rng.uniform(0.1, 2.0, STEPS))
+    opt = HostAdamW(3e-2, b1=0.85, b2=0.99, eps=1e-7, weight_decay=0.1, threads=3)
+    master, state, upload = _run_host(opt, master0, grads, scales, SPLIT, upload_dtype)
+    ref, ref_m, ref_v = _run_optax(opt.to_optax(mask=MASK), master0, grads, scales, SPLIT, jit=False)
+    assert np.abs(ref - master0).max() > 0.1  # the steps moved the weights far beyond rounding
+    _assert_bitwise(master, ref, "master")
+    _assert_bitwise(state.mu, ref_m, "mu")
+    _assert_bitwise(state.nu, ref_v, "nu")
+    assert state.count == STEPS
+    if upload is not None:
+        _assert_bitwise(upload, master.astype(upload_dtype), "upload")
+
+
+def test_fused_equals_jitted_optax_with_schedule_and_eps_root():
+    """Schedule and jitted optax (XLA fuses into FMAs): equal to float32 rounding over 12 steps."""
+    rng = np.random.default_rng(1)
+    master0 = _rand(rng, N)
+    grads = [_rand(rng, N, BF16) for _ in range(STEPS)]
+    scales = [0.5] * STEPS
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 2e-2, 4, 30)
+    opt = HostAdamW(schedule, eps_root=1e-9, weight_decay=0.05, threads=2)
+    master, state, upload = _run_host(opt, master0, grads, scales, SPLIT, BF16)
+    ref, ref_m, ref_v = _run_optax(opt.to_optax(mask=MASK), master0, grads, scales, SPLIT, jit=True)
+    assert np.abs(ref - master0).max() > 0.05
+    np.testing.assert_allclose(master, ref, rtol=2e-6, atol=2e-7)
+    np.testing.assert_allclose(state.mu, ref_m, rtol=1e-5, atol=1e-7)  # mu ~ 0.1, cancels
+    np.testing.assert_allclose(state.nu, ref_v, rtol=1e-5, atol=1e-10)
+    _assert_bitwise(upload, master.astype(BF16), "upload")
+
+
+def test_bias_correction_and_learning_rate_match_xla():
+    schedule = optax.linear_schedule(1e-2, 1e-4, 5000)
+    opt = HostAdamW(schedule, b1=0.9, b2=0.999)
+    bias_correction = jax.jit(lambda b, c: 1 - b**c, static_argnums=0)  # optax's, jitted as there
+    for c in list(range(40)) + [999, 4321]:
+        hp = opt._hyper(c)
+        assert hp[4] == np.asarray(bias_correction(0.9, jnp.int32(c + 1))), c
+        assert hp[5] == np.asarray(bias_correction(0.999, jnp.int32(c + 1))), c
+        assert hp[9] == np.asarray(jax.jit(lambda k: jnp.asarray(-1 * schedule(k), jnp.float32))(jnp.int32(c)))
+
+
+def _special_f32():
+    """Rounding ties (even/odd), NaNs with payloads in either half, +-inf, overflow, denormals, -0."""
+    bits = np.array(
+        [
+            0x3F808000, 0x3F818000, 0x3F807FFF, 0x3F808001, 0xBF818000,  # ties and near-ties
+            0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7FBFFFFF, 0x7FFFFFFF,  # NaNs
+            0x7F800000, 0xFF800000, 0x7F7FFFFF, 0x7F7F8000, 0xFF7FFFFF,  # inf, overflow to inf
+            0x00000001, 0x00008000, 0x00018000, 0x807FFFFF, 0x80000000, 0x00000000,  # tiny, -0
+        ],
+        np.uint32,
+    )
+    rng = np.random.default_rng(2)
+    random = rng.integers(0, 2**32, 4096, dtype=np.uint64).astype(np.uint32)
+    return np.concatenate([bits, random]).view(np.float32)
+
+
+def test_bf16_copy_is_round_to_nearest_even_like_ml_dtypes():
+    src = _special_f32()
+    src.flags.writeable = False
+    master = aligned_zeros(src.size)
+    upload = aligned_zeros(src.size, BF16)
+    fa.launch(fa.store_params, 3, src, master, upload.view(np.uint16), True)
+    _assert_bitwise(master, src, "master")
+    _assert_bitwise(upload, src.astype(BF16), "upload")
+
+
+def test_fused_upload_of_non_finite_weights():
+    """A NaN/inf gradient poisons its weights; the bf16 copy still equals ml_dtypes' cast."""
+    rng = np.random.default_rng(3)
+    n = 1000
+    master = _rand(rng, n)
+    grad = _rand(rng, n, BF16)
+    grad[::7] = np.nan
+    grad[3::11] = np.inf
+    upload = aligned_zeros(n, BF16)
+    opt = HostAdamW(1e-2, threads=2)
+    opt.update(opt.init(n), master, grad, upload, decay_split=n // 2)
+    assert np.isnan(master[::7]).all() and np.isfinite(master[1::7]).any()
+    _assert_bitwise(upload, master.astype(BF16), "upload")
+
+
+def test_bf16_moments_equal_their_optax_reference_bitwise():
+    rng = np.random.default_rng(4)
+    master0 = _rand(rng, N)
+    grads = [_rand(rng, N, BF16, scale=1e-2) for _ in range(STEPS)]
+    scales = list(rng.uniform(0.5, 2.0, STEPS))
+    opt = HostAdamW(1e-2, weight_decay=0.1, moment_dtype=BF16, seed=7, threads=3)
+    master, state, upload = _run_host(opt, master0, grads, scales, SPLIT, BF16)
+    ref, ref_m, ref_v = _run_optax(opt.to_optax(mask=MASK), master0, grads, scales, SPLIT, jit=False)
+    assert state.mu.dtype == BF16 and state.nu.dtype == BF16
+    assert np.abs(ref - master0).max() > 0.05
+    _assert_bitwise(master, ref, "master")
+    _assert_bitwise(state.mu, ref_m, "mu")
+    _assert_bitwise(state.nu, ref_v, "nu")
+    _assert_bitwise(upload, master.astype(BF16), "upload")
+    # ...and close to optax's own float32 AdamW: bf16 moments are a storage choice, not a new method.
+    ref32, _, _ = _run_optax(HostAdamW(1e-2, weight_decay=0.1).to_optax(mask=MASK), master0, grads, scales, SPLIT, False)
+    np.testing.assert_allclose(master - master0, ref32 - master0, atol=2e-3)
+
+
+def test_bf16_second_moment_does_not_stall():
+    """g^2 << v: float32 v decays as b2^t. Round-to-nearest bf16 would keep v where it started
+    (each step moves it by ~1e-3, under half a bf16 ulp); stochastic rounding keeps it unbiased."""
+    rng = np.random.default_rng(5)
+    n, steps, b2 = 8192, 300, 0.999
+    nu0 = rng.uniform(0.5, 2.0, n).astype(BF16)
+    grads = [_rand(rng, n, scale=3e-2) for _ in range(steps)]
+    runs = {}
+    for dtype in (np.float32, BF16):
+        opt = HostAdamW(0.0, b2=b2, weight_decay=0.0, moment_dtype=dtype, threads=1)
+        state = opt.init(n)
+        state.nu[:] = nu0
+        master = _rand(rng, n)
+        for g in grads:
+            opt.update(state, master, g, None, decay_split=0)
+        runs[dtype] = state.nu.astype(np.float32)
+    ratio = runs[BF16] / runs[np.float32]
+    assert np.unique(runs[np.float32]).size > n // 2  # distinct elements, so independent noise
+    # The same recurrence rounded to nearest: stuck at the start, 1/b2^300 = 1.35x too large.
+    rne = nu0.copy()
+    for g in grads:
+        rne = ((1 - b2) * g * g + b2 * rne.astype(np.float32)).astype(BF16)
+    assert np.mean(rne.astype(np.float32) / runs[np.float32]) > 1.3
+    # Stochastic rounding: unbiased on average; per element a few % of noise (2**-8 rounding
+    # steps, remembered over ~1/(1-b2) steps), far from the stall.
+    assert abs(ratio.mean() - 1) < 5e-3
+    assert 0.01 < ratio.std() < 0.1
+
+
+def test_bf16_second_moment_rounding_matches_its_numpy_spec():
+    """One step of the kernel's bf16 v against `sr_noise` and the rounding written in numpy."""
+    rng = np.random.default_rng(12)
+    n, b2, scale = 5000, 0.95, 0.8
+    opt = HostAdamW(1e-2, b2=b2, moment_dtype=BF16, seed=3, threads=2)
+    state = opt.init(n)
+    state.nu[:] = rng.uniform(0, 1, n).astype(BF16)
+    state.count = 41
+    nu0, master = state.nu.copy(), _rand(rng, n)
+    p0, grad = master.copy(), _rand(rng, n, BF16)
+    opt.update(state, master, grad, None, decay_split=n, grad_scale=scale)
+    g = grad.astype(np.float32) * np.float32(scale)
+    v = np.float32(1 - b2) * (g * g) + np.float32(b2) * nu0.astype(np.float32)
+    noise = fa.sr_noise(v.view(np.uint32), p0.view(np.uint32), g.view(np.uint32), fa.sr_key(42, 3))
+    expected = ((v.view(np.uint32) + (noise & 0xFFFF)) >> 16).astype(np.uint16)
+    _assert_bitwise(state.nu, expected.view(BF16), "nu")
+    rounded_up = expected != v.astype(BF16).view(np.uint16)
+    assert 0.2 < rounded_up.mean() < 0.3  # E = E[min(frac, 1 - frac)] = 1/4: not round-to-nearest
+
+
+@pytest.mark.parametrize("moment_dtype", [np.float32, BF16])
+def test_row_sparse_and_row_split_updates_equal_the_dense_update(moment_dtype):
+    rng = np.random.default_rng(6)
+    vocab, hidden, used, steps = 53, 37, 11, 3
+    split = 20 * hidden + 5  # weight decay ends inside a row
+    master0 = _rand(rng, (vocab, hidden))
+    batches = []
+    for _ in range(steps):
+        grad_rows = _rand(rng, (used, hidden), BF16)
+        index = np.full(vocab, -1, np.int32)
+        index[rng.choice(vocab, used, replace=False)] = rng.permutation(used)
+        dense = aligned_zeros((vocab, hidden), BF16)
+        dense[index >= 0] = grad_rows[index[index >= 0]]
+        first = rng.choice(vocab, 17, replace=False).astype(np.int32)  # some with gradient, some not
+        batches.append((grad_rows, index, dense, first))
+
+    opt = HostAdamW(2e-2, weight_decay=0.1, moment_dtype=moment_dtype, threads=3)
+
+    def run(mode):
+        master = master0.copy()
+        upload = aligned_zeros((vocab, hidden), BF16)
+        state = opt.init(master.shape)
+        for grad_rows, index, dense, first in batches:
+            kw = dict(decay_split=split, grad_scale=0.7)
+            if mode == "dense":
+                opt.update(state, master, dense, upload, **kw)
+            elif mode == "sparse":
+                opt.update(state, master, grad_rows, upload, grad_index=index, **kw)
+            elif mode == "split":
+                count = state.count
+                opt.update(state, master, grad_rows, upload, rows=first, grad_index=index, **kw)
+                assert state.count == count and state.rows_done.sum() == first.size  # mid-step
+                opt.update(state, master, grad_rows, upload, grad_index=index, **kw)  # the rest
+            elif mode == "split_explicit":
+                rest = np.setdiff1d(np.arange(vocab), first).astype(np.int32)
+                opt.update(state, master, grad_rows, upload, rows=first, grad_index=index, **kw)
+                opt.update(state, master, grad_rows, upload, rows=rest[::-1].copy(), grad_index=index, **kw)
+            elif mode == "dense_split":
+                opt.update(state, master, dense, upload, rows=first, **kw)
+                opt.update(state, master, dense, upload, **kw)
+        return master, state, upload
+
+    m_dense, s_dense, u_dense = run("dense")
+    assert s_dense.count == steps
+    for mode in ("sparse", "split", "split_explicit", "dense_split"):
+        master, state, upload = run(mode)
+        assert state.count == steps and state.rows_done is None, mode
+        _assert_bitwise(master, m_dense, mode)
+        _assert_bitwise(state.mu, s_dense.mu, mode)
+        _assert_bitwise(state.nu, s_dense.nu, mode)
+        _assert_bitwise(upload, u_dense, mode)
+    # The dense update is optax's (rows without gradient still decay their moments and weights).
+    mask = {"decayed": True, "plain": False}
+    grads = [b[2].reshape(-1) for b in batches]
+    ref, _, _ = _run_optax(opt.to_optax(mask=mask), master0.reshape(-1), grads, [0.7] * steps, split, jit=False)
+    if moment_dtype == np.float32:
+        _assert_bitwise(m_dense.reshape(-1), ref, "dense vs optax")
+    untouched = np.all(np.stack([b[1] for b in batches]) < 0, axis=0)
+    assert untouched.any() and not np.array_equal(m_dense[untouched], master0[untouched])
+
+
+def test_row_split_counts_one_step_and_rejects_misuse():
+    rng = np.random.default_rng(7)
+    vocab, hidden = 20, 16
+    opt = HostAdamW(1e-2, threads=2)
+    master = _rand(rng, (vocab, hidden))
+    grad = _rand(rng, (vocab, hidden), BF16)
+    state = opt.init(master)
+    opt.update(state, master, grad, None, decay_split=0, rows=np.array([3, 1], np.int32))
+    assert state.count == 0
+    with pytest.raises(ValueError, match="already updated"):
+        opt.update(state, master, grad, None, decay_split=0, rows=np.array([1], np.int32))
+    with pytest.raises(ValueError, match="in progress"):
+        state.state_dict()
+    opt.update(state, master, grad, None, decay_split=0, rows=np.setdiff1d(np.arange(vocab), [1, 3]))
+    assert state.count == 1 and state.rows_done is None
+    with pytest.raises(ValueError, match="duplicates"):
+        opt.update(state, master, grad, None, decay_split=0, rows=np.array([2, 2], np.int32))
+    with pytest.raises(ValueError, match="grad_index"):
+        opt.update(state, master, grad[:4], None, decay_split=0, grad_index=np.full(vocab, 4, np.int32))
+    flat = opt.init(10)
+    with pytest.raises(ValueError, match="2-D"):
+        opt.update(flat, _rand(rng, 10), _rand(rng, 10), None, decay_split=0, rows=np.array([0]))
+    with pytest.raises(ValueError, match="dtype"):
+        opt.update(flat, _rand(rng, 10), _rand(rng, 10, np.float16), None, decay_split=0)
+    with pytest.raises(ValueError, match="elements"):
+        opt.update(flat, _rand(rng, 10), _rand(rng, 11), None, decay_split=0)
+
+
+@pytest.mark.parametrize("moment_dtype", [np.float32, BF16])
+def test_fused_checkpoint_roundtrip_resumes_bitwise(moment_dtype):
+    rng = np.random.default_rng(8)
+    n = 3001
+    opt = HostAdamW(optax.linear_schedule(1e-2, 1e-3, 10), moment_dtype=moment_dtype, threads=2)
+    master = _rand(rng, n)
+    grads = [_rand(rng, n, BF16) for _ in range(6)]
+    state = opt.init(n)
+    for g in grads[:3]:
+        opt.update(state, master, g, None, decay_split=n)
+    saved = copy.deepcopy(state.state_dict())
+    saved_master = master.copy()
+    for g in grads[3:]:
+        opt.update(state, master, g, None, decay_split=n)
+    resumed = opt.init(n)
+    resumed.load_state_dict(saved)
+    assert resumed.count == 3
+    for g in grads[3:]:
+        opt.update(resumed, saved_master, g, None, decay_split=n)
+    _assert_bitwise(saved_master, master, "master")
+    _assert_bitwise(resumed.mu, state.mu, "mu")
+    _assert_bitwise(resumed.nu, state.nu, "nu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic optax path
+# ---------------------------------------------------------------------------------------------
+
+# A unit whose flat order (norm, w, b) differs from its pytree's leaf order (b, norm, w).
+UNIT = {"norm": (0, (3,)), "w": (3, (7, 5)), "b": (38, (5,))}
+UNIT_N = 43
+
+
+def _tree_of(flat):
+    return {k: flat[o : o + int(np.prod(s))].reshape(s) for k, (o, s) in UNIT.items()}
+
+
+def _generic_tx():
+    schedule = optax.cosine_decay_schedule(1e-2, 20)
+    return optax.chain(
+        optax.scale_by_adam(b1=0.8),
+        optax.masked(optax.add_decayed_weights(0.05), decay_mask),
+        optax.masked(optax.scale(0.5), lambda p: {"norm": True, "w": False, "b": False}),
+        optax.scale_by_learning_rate(schedule),
+    )
+
+
+@pytest.mark.parametrize("upload_dtype", [BF16, np.float32])
+def test_host_optax_equals_optax_on_the_pytree(upload_dtype):
+    rng = np.random.default_rng(9)
+    tx = _generic_tx()
+    opt = HostOptax(tx, threads=2)
+    master = _rand(rng, UNIT_N)
+    params = jax.tree.map(jnp.array, _tree_of(master.copy()))
+    ref_state = tx.init(params)
+    state = opt.init(master, tree_of=_tree_of)
+    upload = aligned_zeros(UNIT_N, upload_dtype)
+    for _ in range(10):
+        g = _rand(rng, UNIT_N, BF16)
+        opt.update(state, master, g, upload, decay_split=0, grad_scale=0.3)
+        gt = jax.tree.map(lambda x: jnp.asarray(x.astype(np.float32) * np.float32(0.3)), _tree_of(g))
+        updates, ref_state = jax.jit(tx.update)(gt, ref_state, params)
+        params = optax.apply_updates(params, updates)
+    assert state.count == 10
+    for k, leaf in _tree_of(master).items():
+        np.testing.assert_allclose(leaf, params[k], rtol=2e-6, atol=2e-7, err_msg=k)
+    assert np.abs(master - _rand(np.random.default_rng(9), UNIT_N)).max() > 0.01
+    _assert_bitwise(upload, master.astype(upload_dtype), "upload")
+    assert jax.tree.structure(state.state_dict()["opt_state"]) == jax.tree.structure(ref_state)
+
+
+def test_host_optax_checkpoint_and_row_sparse_densify():
+    rng = np.random.default_rng(10)
+    vocab, hidden, used = 12, 8, 5
+    opt = HostOptax(optax.adamw(1e-2, weight_decay=0.1), threads=2)
+    master = _rand(rng, (vocab, hidden))
+    dense_master = master.copy()
+    state, dense_state = opt.init(master), opt.init(dense_master)
+    for _ in range(3):
+        rows = _rand(rng, (used, hidden), BF16)
+        index = np.full(vocab, -1, np.int32)
+        index[rng.choice(vocab, used, replace=False)] = np.arange(used)
+        dense = np.zeros((vocab, hidden), BF16)
+        dense[index >= 0] = rows[index[index >= 0]]
+        opt.update(state, master, rows, None, decay_split=0, grad_index=index)
+        opt.update(dense_state, dense_master, dense, None, decay_split=0)
+    _assert_bitwise(master, dense_master, "densified")
+    with pytest.raises(ValueError, match="rows"):
+        opt.update(state, master, dense, None, decay_split=0, rows=np.array([0]))
+    # Checkpoint: save, continue, restore into a fresh state, redo: same bits.
+    saved = jax.tree.map(np.array, state.state_dict())
+    saved_master = master.copy()
+    g = _rand(rng, (vocab, hidden), BF16)
+    opt.update(state, master, g, None, decay_split=0)
+    resumed = opt.init(saved_master.shape)
+    resumed.load_state_dict(saved)
+    opt.update(resumed, saved_master, g, None, decay_split=0)
+    assert resumed.count == state.count == 4
+    _assert_bitwise(saved_master, master, "resumed")
+
+
+def test_host_optax_rejects_a_tree_of_that_does_not_tile_the_buffer():
+    opt = HostOptax(optax.sgd(0.1))
+    with pytest.raises(ValueError, match="cover"):
+        opt.init(10, tree_of=lambda f: {"a": f[:4], "b": f[4:8]})
+    with pytest.raises(ValueError, match="gap or overlap"):
+        opt.init(10, tree_of=lambda f: {"a": f[:6], "b": f[4:8]})
+    with pytest.raises(ValueError, match="contiguous view"):
+        opt.init(10, tree_of=lambda f: {"a": f[::2], "b": f[1::2]})
+
+
+# ---------------------------------------------------------------------------------------------
+# Concurrency, construction
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("serialised", [False, True])
+def test_concurrent_updates_from_several_threads(serialised, monkeypatch):
+    """Different units updated at once from several Python threads give the sequential results
+    (numba's omp/tbb layers run them side by side; under 'workqueue' a lock serialises them)."""
+    monkeypatch.setattr(fa, "_needs_lock", serialised)
+    rng = np.random.default_rng(11)
+    sizes = [50001, 33333, 70001, 20000, 65536, 12345]
+    fused = HostAdamW(1e-2, weight_decay=0.1, threads=2)
+    generic = HostOptax(optax.adamw(1e-2), threads=2)
+    units = []
+    for i, n in enumerate(sizes):
+        opt = generic if i % 3 == 2 else fused
+        units.append((opt, _rand(rng, n), [_rand(rng, n, BF16) for _ in range(4)]))
+
+    def run(unit, results, barrier=None):
+        opt, master0, grads = unit
+        master, upload = master0.copy(), aligned_zeros(master0.size, BF16)
+        state = opt.init(master)
+        if barrier is not None:
+            barrier.wait()
+        for g in grads:
+            opt.update(state, master, g, upload, decay_split=master.size // 2)
+        results.append((master, upload))
+
+    sequential = []
+    for unit in units:
+        run(unit, sequential)
+    concurrent = [[] for _ in units]
+    barrier = threading.Barrier(len(units))
+    threads = [threading.Thread(target=run, args=(u, r, barrier)) for u, r in zip(units, concurrent)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, ((master, upload), result) in enumerate(zip(sequential, concurrent)):
+        assert len(result) == 1, f"unit {i} failed"
+        _assert_bitwise(result[0][0], master, f"unit {i} master")
+        _assert_bitwise(result[0][1], upload, f"unit {i} upload")
+
+
+def test_make_host_optimizer_and_protocol():
+    fused = HostAdamW(1e-3)
+    assert make_host_optimizer(fused) is fused
+    generic = make_host_optimizer(optax.adamw(1e-3), threads=3)
+    assert isinstance(generic, HostOptax) and generic.threads == 3
+    for opt in (fused, generic):
+        assert isinstance(opt, HostOptimizer)
+        assert isinstance(opt.init(8), HostOptState)
+    assert fused.supports_rows and not generic.supports_rows
+    with pytest.raises(SlidejaxError, match="optimizer"):
+        make_host_optimizer("adamw")
+    with pytest.raises(SlidejaxError, match="moment_dtype"):
+        HostAdamW(1e-3, moment_dtype=np.float16)
+    assert 1 <= default_threads() <= fa.max_threads()
+    a = aligned_zeros((3, 5), BF16)
+    assert a.ctypes.data % 64 == 0 and a.shape == (3, 5) and not a.any()
