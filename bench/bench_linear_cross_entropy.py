@@ -78,7 +78,8 @@ def naive_xla(h, w, labels, ignore_index: int = -100):
     return jnp.sum(jnp.where(valid, lse - target, 0.0)), jnp.sum(valid, dtype=jnp.int32)
 
 
-def run_case(tokens: int, vocab: int, hidden: int, impl: str, repeats: int) -> dict:
+def run_case(tokens: int, vocab: int, hidden: int, impl: str, repeats: int,
+             chunk_size: int | None = None) -> dict:
     """One (case, implementation) in this process; returns the measurements."""
     import jax
     import jax.numpy as jnp
@@ -97,13 +98,14 @@ def run_case(tokens: int, vocab: int, hidden: int, impl: str, repeats: int) -> d
     if impl == "naive":
         loss = lambda h, w: naive_xla(h, w, labels)  # noqa: E731
     else:
-        loss = lambda h, w: linear_cross_entropy(h, w, labels, impl=impl)  # noqa: E731
+        loss = lambda h, w: linear_cross_entropy(h, w, labels, impl=impl,  # noqa: E731
+                                                 chunk_size=chunk_size)
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
     out: dict = dict(tokens=tokens, vocab=vocab, hidden=hidden, impl=impl, device=dev.device_kind,
                      jax=jax.__version__, logits_fp32_bytes=tokens * vocab * 4,
                      grads_bytes=(tokens + vocab) * hidden * 2,
-                     chunk=None if impl == "naive" else choose_chunk(tokens, vocab))
+                     chunk=None if impl == "naive" else choose_chunk(tokens, vocab, chunk_size))
     t0 = time.perf_counter()
     compiled = step.lower(h, w).compile()
     out["compile_s"] = time.perf_counter() - t0
@@ -144,11 +146,12 @@ def run_case(tokens: int, vocab: int, hidden: int, impl: str, repeats: int) -> d
 
 # --------------------------------------------------------------------------- parent
 
-def _child(case: dict, repeats: int, timeout: float) -> dict:
+def _child(case: dict, repeats: int, chunk_size: int | None, timeout: float) -> dict:
     env = dict(os.environ)
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # bytes_limit = the whole device
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
-    cmd = [sys.executable, __file__, "--child", json.dumps({**case, "repeats": repeats})]
+    cmd = [sys.executable, __file__, "--child", json.dumps({**case, "repeats": repeats,
+                                                                  "chunk_size": chunk_size})]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -198,13 +201,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--impls", default=",".join(IMPLS), help=f"subset of {','.join(IMPLS)}")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per run (median)")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="tokens per logits block for triton/jax (default: the library's choice)")
     p.add_argument("--timeout", type=float, default=180, help="seconds per run")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.child:
         c = json.loads(args.child)
-        print(json.dumps(run_case(c["tokens"], c["vocab"], c["hidden"], c["impl"], c["repeats"])))
+        print(json.dumps(run_case(c["tokens"], c["vocab"], c["hidden"], c["impl"], c["repeats"],
+                                  c["chunk_size"])))
         return
     if args.out is None:
         p.error("--out DIR is required")
@@ -221,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
             for impl in impls:
                 case = dict(tokens=tokens, vocab=vocab, hidden=args.hidden, impl=impl)
                 t0 = time.perf_counter()
-                r = _child(case, args.repeats, args.timeout)
+                r = _child(case, args.repeats, args.chunk_size, args.timeout)
                 r["wall_s"] = time.perf_counter() - t0
                 results.append(r)
                 print(f"[{time.perf_counter() - t_start:6.1f} s] {tokens} x {vocab} {impl}: "

@@ -133,7 +133,7 @@ def linear_cross_entropy(
       softcap: if set, logits become ``softcap * tanh(logits / softcap)`` (Gemma-style).
       z_loss: weight of the ``z_loss * lse**2`` term added to each valid token's loss.
       impl: "auto", "triton" or "jax" (see module docstring).
-      chunk_size: tokens per logits block; default from ``N`` and ``V`` (about 512 MiB fp32).
+      chunk_size: tokens per logits block; default from ``N`` and ``V`` (see ``choose_chunk``).
 
     Returns:
       ``(loss_sum f32[], n_valid int32[])``, differentiable w.r.t. ``h`` and ``w`` (the gradient of

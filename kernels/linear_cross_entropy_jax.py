@@ -16,11 +16,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# Target size of one fp32 logits block [chunk, V]. Large enough that the gradient GEMMs run at
-# full speed (the dw accumulation GEMM has K = chunk and re-reads the fp32 [V, H] accumulator each
-# chunk, so chunks below ~1K tokens become memory-bound on an H200), small enough to stay a few
-# percent of the full N x V logits at 16K+ tokens.
+# Rows per block: the largest power of two whose fp32 [chunk, V] logits block fits BLOCK_BYTES
+# (a few percent of the full N x V logits at 64K tokens), but at least MIN_CHUNK: the dw GEMM
+# has K = chunk and reads and writes the fp32 [V, H] accumulator once per chunk, i.e. chunk / 4
+# FLOP per byte, which must stay near an H200's ~180 FLOP/byte balance for the GEMM to run at
+# full speed.
 BLOCK_BYTES = 512 * 2**20
+MIN_CHUNK = 1024
 
 Stats = tuple[jax.Array, jax.Array, jax.Array]
 
@@ -121,10 +123,11 @@ def loss_from_stats(
 
 def choose_chunk(n_rows: int, n_cols: int, chunk_size: int | None = None) -> int:
     """Rows per block: ``chunk_size`` if given, else the largest power of two whose fp32
-    ``[chunk, n_cols]`` logits block fits :data:`BLOCK_BYTES`; never more than ``n_rows``."""
+    ``[chunk, n_cols]`` logits block fits :data:`BLOCK_BYTES`, at least :data:`MIN_CHUNK`;
+    never more than ``n_rows``."""
     if chunk_size is None:
         fit = max(1, BLOCK_BYTES // (4 * max(n_cols, 1)))
-        chunk_size = 1 << (fit.bit_length() - 1)
+        chunk_size = max(MIN_CHUNK, 1 << (fit.bit_length() - 1))
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     return max(1, min(chunk_size, n_rows))

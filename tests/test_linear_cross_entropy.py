@@ -194,7 +194,8 @@ def test_peak_memory_is_one_block_not_the_logits():
 
 def test_choose_chunk():
     assert lce_jax.choose_chunk(100_000, 128_256) == 1024  # 512 MiB of fp32 logits
-    assert lce_jax.choose_chunk(100_000, 151_936) == 512
+    assert lce_jax.choose_chunk(100_000, 151_936) == 1024  # at least MIN_CHUNK
+    assert lce_jax.choose_chunk(100_000, 32_000) == 4096
     assert lce_jax.choose_chunk(10, 128_256) == 10
     assert lce_jax.choose_chunk(10, 128_256, chunk_size=4) == 4
     with pytest.raises(ValueError):
