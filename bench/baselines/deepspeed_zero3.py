@@ -26,6 +26,7 @@ from bench import common  # noqa: E402
 from bench.baselines import hf_llama  # noqa: E402
 
 SYSTEM = "deepspeed-zero3-offload"
+DRY_RUN = "dry run"
 
 
 def ds_config(hidden: int, micro_batch: int, grad_accum: int, clip: float) -> dict[str, Any]:
@@ -83,19 +84,23 @@ def make_optimizer(model: torch.nn.Module, cpu_adam_error: str | None) -> tuple[
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(model.parameters(), adamw_mode=True, **hf_llama.ADAMW), "DeepSpeedCPUAdam"
+    if cpu_adam_error == DRY_RUN:
+        return torch.optim.AdamW(model.parameters(), foreach=True, **hf_llama.ADAMW), "torch AdamW"
     note = f"DeepSpeedCPUAdam unavailable ({cpu_adam_error}); torch AdamW (foreach) on CPU instead"
     print("NOTE:", note, flush=True)
     return torch.optim.AdamW(model.parameters(), foreach=True, **hf_llama.ADAMW), note
 
 
-def plain_step_fn(model, optimizer, batches):
-    """One training step without DeepSpeed (--dry-run): accumulate, clip-free AdamW step."""
+def plain_step_fn(model, optimizer, batches, clip: float):
+    """One training step without DeepSpeed (--dry-run): accumulate, clip, AdamW step."""
 
     def step() -> float:
         loss = None
         for ids in batches:
             loss = model(input_ids=ids, labels=ids).loss
             (loss / len(batches)).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
@@ -134,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              f"clip {args.clip}" if args.clip else "no clipping"]
 
     if args.dry_run:
-        cpu_adam_error = "dry run"
+        cpu_adam_error = DRY_RUN
     else:
         hf_llama.single_process_env()
         import deepspeed
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batches = hf_llama.random_batches(shape.vocab, accum, batch, args.seq_len, args.seed, device)
         optimizer, opt_note = make_optimizer(model, cpu_adam_error)
         if args.dry_run:
-            step = plain_step_fn(model, optimizer, batches)
+            step = plain_step_fn(model, optimizer, batches, args.clip)
             notes.append("dry run: no DeepSpeed")
         else:
             config = ds_config(shape.hidden, batch, accum, args.clip)
