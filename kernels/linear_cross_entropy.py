@@ -140,6 +140,11 @@ def linear_cross_entropy(
       ``loss_sum``; divide by the total ``n_valid`` of a step outside for a token-weighted mean).
       All accumulation is fp32; under differentiation the logits gradient is rounded to the inputs'
       dtype before the two gradient GEMMs (as in Liger-Kernel).
+
+    Extra device memory: one fp32 ``[chunk, V]`` logits block and its gradient; under
+    differentiation also the fp32 ``[V, H]`` dw accumulator, which at few tokens (``N`` below
+    ~10 ``H``) outweighs the block. An engine that cannot afford it streams ``w`` through
+    :func:`lce_chunk_stats` / :func:`lce_chunk_grads` instead (one extra logits GEMM).
     """
     _check(h, w, labels, softcap)
     return _lce(h, w, labels, int(ignore_index), None if softcap is None else float(softcap),
