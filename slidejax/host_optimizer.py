@@ -45,6 +45,19 @@ grad_index=None) -> None``
 ``opt.supports_rows``
     Whether `rows` is accepted.
 
+For the embedding, with the rows the next batch looks up updated first::
+
+    opt.update(state, emb, grad_rows, upload, decay_split=k, grad_scale=s, grad_index=index,
+               rows=next_rows)                      # part of the step
+    ...                                             # (the GPU can take those rows now)
+    opt.update(state, emb, grad_rows, upload, decay_split=k, grad_scale=s, grad_index=index)
+                                                    # the other rows: the step is complete
+
+Numerics: `HostAdamW` performs optax.adamw's float32 operations in optax's order, so it equals
+un-jitted `optax.adamw` bit for bit (tested); against jitted optax it differs by float rounding
+only (XLA contracts some multiply-adds into FMAs). Rows without a gradient get the full update
+with a zero gradient, as optax does with a dense zero.
+
 Updates of different units may run concurrently from several Python threads; the kernels release
 the GIL, and `threads` (default: the CPUs this process may use, minus one for the thread that
 drives the GPU) bounds each call's parallelism.
@@ -53,6 +66,7 @@ drives the GPU) bounds each call's parallelism.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import threading
 from collections.abc import Callable
@@ -277,7 +291,7 @@ class HostAdamW:
         self.moment_dtype = np.dtype(moment_dtype)
         if self.moment_dtype not in (F32, BF16):
             raise SlidejaxError(f"HostAdamW: moment_dtype {self.moment_dtype} is not float32 or bfloat16")
-        if not callable(learning_rate) and not isinstance(learning_rate, (int, float)):
+        if not callable(learning_rate) and not isinstance(learning_rate, numbers.Real):
             raise SlidejaxError(f"HostAdamW: learning_rate must be a float or a schedule, got {learning_rate!r}")
         self.learning_rate = learning_rate
         self.b1, self.b2, self.eps, self.eps_root = float(b1), float(b2), float(eps), float(eps_root)
@@ -444,6 +458,12 @@ class HostAdamW:
 # ----------------------------------------------------------------------------------------------
 
 
+# optax.tree.bias_correction in newer optax, optax.tree_utils.tree_bias_correction in older ones.
+_bias_correction = getattr(getattr(optax, "tree", None), "bias_correction", None) or (
+    optax.tree_utils.tree_bias_correction
+)
+
+
 def _lowbias32_jnp(x: jax.Array) -> jax.Array:
     x = x ^ (x >> 16)
     x = x * jnp.uint32(0x7FEB352D)
@@ -498,8 +518,8 @@ def scale_by_adam_bf16(
         nu = jax.tree.map(lambda g, v: (1 - b2) * (g * g) + b2 * v.astype(f32), grads, state.nu)
         count_inc = optax.safe_increment(state.count)
         # optax's own (jitted) bias correction, so its float32 pow and division are optax's.
-        mu_hat = optax.tree_utils.tree_bias_correction(mu, b1, count_inc)
-        nu_hat = optax.tree_utils.tree_bias_correction(nu, b2, count_inc)
+        mu_hat = _bias_correction(mu, b1, count_inc)
+        nu_hat = _bias_correction(nu, b2, count_inc)
         new_updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v + eps_root) + eps), mu_hat, nu_hat)
         key = _sr_key_jnp(count_inc, seed)
         mu = jax.tree.map(lambda m: m.astype(jnp.bfloat16), mu)

@@ -155,7 +155,9 @@ def test_bf16_copy_is_round_to_nearest_even_like_ml_dtypes():
     upload = aligned_zeros(src.size, BF16)
     fa.launch(fa.store_params, 3, src, master, upload.view(np.uint16), True)
     _assert_bitwise(master, src, "master")
-    _assert_bitwise(upload, src.astype(BF16), "upload")
+    with np.errstate(invalid="ignore"):  # numpy warns when casting NaN
+        expected = src.astype(BF16)
+    _assert_bitwise(upload, expected, "upload")
 
 
 def test_fused_upload_of_non_finite_weights():
