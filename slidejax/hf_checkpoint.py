@@ -103,11 +103,11 @@ class CheckpointReader:
 def load_into(host: HostModel, path: str | Path) -> None:
     """Fill `host`'s master weights from a HF folder (after validating all tensors)."""
     reader = CheckpointReader(path)
-    expected = {hf: unit.layout.shapes[unit.layout.names.index(p)] for hf, unit, p in host.hf_names()}
+    expected = {hf: host.hf_shape(parts) for hf, parts in host.hf_names()}
     reader.check(expected)
     # A tied checkpoint may also store lm_head.weight; hf_names() skips it: the embedding is kept.
-    for hf, unit, p in host.hf_names():
-        unit.layout.fill(unit.master, p, reader.read(hf).astype(np.float32))
+    for hf, parts in host.hf_names():
+        host.write_tensor(parts, reader.read(hf).astype(np.float32))
 
 
 def _parse_size(size: int | str) -> int:
@@ -136,21 +136,21 @@ def save_pretrained(host: HostModel, path: str | Path, *, dtype: str = "bfloat16
         raise SlidejaxError(f"export dtype {dtype!r} is not one of bfloat16, float32, float16")
     limit = _parse_size(max_shard_size)
 
-    shards: list[list[tuple[str, Any, str]]] = [[]]
+    shards: list[list[tuple[str, Any]]] = [[]]
     sizes = [0]
-    for hf, unit, p in host.hf_names():
-        nbytes = int(np.prod(unit.layout.shapes[unit.layout.names.index(p)])) * np.dtype(np_dtype).itemsize
+    for hf, parts in host.hf_names():
+        nbytes = int(np.prod(host.hf_shape(parts))) * np.dtype(np_dtype).itemsize
         if sizes[-1] and sizes[-1] + nbytes > limit:
             shards.append([])
             sizes.append(0)
-        shards[-1].append((hf, unit, p))
+        shards[-1].append((hf, parts))
         sizes[-1] += nbytes
 
     weight_map: dict[str, str] = {}
     n = len(shards)
     for k, shard in enumerate(shards):
         fname = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-        tensors = {hf: np.ascontiguousarray(unit.params()[p].astype(np_dtype)) for hf, unit, p in shard}
+        tensors = {hf: np.ascontiguousarray(host.read_tensor(parts).astype(np_dtype)) for hf, parts in shard}
         tmp = path / (fname + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, path / fname)

@@ -124,79 +124,127 @@ def iter_chunks(n: int, chunk: int) -> Iterator[tuple[int, int]]:
 
 @dataclasses.dataclass
 class Unit:
-    """One streamed unit of the model: its layout and fp32 master weights in host memory."""
+    """One streamed unit of the model: its layout and fp32 master weights in host memory.
+
+    Vocabulary matrices (embedding, lm_head) are cut into row blocks no larger than a decoder
+    layer, each its own unit with `rows = (first, end)`, so GPU buffers are sized by decoder
+    layers, never by the vocabulary.
+    """
 
     name: str
     layout: FlatLayout
     master: np.ndarray
+    rows: tuple[int, int] | None = None
 
     def params(self) -> dict[str, np.ndarray]:
         return self.layout.views(self.master)
 
 
+def vocab_chunks(cfg: "ModelConfig") -> list[tuple[int, int]]:  # noqa: F821
+    """Row ranges of the vocabulary matrices: balanced blocks of at most one layer's parameters."""
+    per_layer = max(cfg.layer_params, cfg.hidden_size)
+    n = max(1, -(-cfg.vocab_size * cfg.hidden_size // per_layer))
+    bounds = [round(i * cfg.vocab_size / n) for i in range(n + 1)]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 class HostModel:
     """The whole model's fp32 master weights as flat units in host memory.
 
-    Units, in forward order: "embed", "layers.0" .. "layers.{L-1}", "norm", and "lm_head" unless
-    the embeddings are tied (then the head reads "embed").
+    Units, in forward order: "embed.0".., "layers.0" .. "layers.{L-1}", "norm", and "lm_head.0"..
+    unless the embeddings are tied (then the head reads the "embed.*" units).
     """
 
     def __init__(self, cfg: "ModelConfig"):  # noqa: F821
         from slidejax.model import layer_template
 
         self.cfg = cfg
+        self.chunks = vocab_chunks(cfg)
         _, layer_shapes = layer_template(cfg)
-        vh = (cfg.vocab_size, cfg.hidden_size)
         layer_layout = FlatLayout.build({n: s for n, (s, _) in layer_shapes.items()},
                                         [n for n, (_, d) in layer_shapes.items() if d])
-        matrix = FlatLayout.build({"weight": vh}, ["weight"])
-        self.units: dict[str, Unit] = {"embed": Unit("embed", matrix, aligned_empty(matrix.size, np.float32))}
+        self.units: dict[str, Unit] = {}
+
+        def matrix(prefix: str) -> None:
+            for c, (a, b) in enumerate(self.chunks):
+                lay = FlatLayout.build({"weight": (b - a, cfg.hidden_size)}, ["weight"])
+                self.units[f"{prefix}.{c}"] = Unit(f"{prefix}.{c}", lay, aligned_empty(lay.size, np.float32), (a, b))
+
+        matrix("embed")
         for i in range(cfg.num_layers):
             self.units[f"layers.{i}"] = Unit(f"layers.{i}", layer_layout, aligned_empty(layer_layout.size, np.float32))
         norm = FlatLayout.build({"weight": (cfg.hidden_size,)}, [])
         self.units["norm"] = Unit("norm", norm, aligned_empty(norm.size, np.float32))
         if not cfg.tie_word_embeddings:
-            self.units["lm_head"] = Unit("lm_head", matrix, aligned_empty(matrix.size, np.float32))
+            matrix("lm_head")
 
     @property
-    def layer_layout(self) -> FlatLayout:
-        return self.units["layers.0"].layout if self.cfg.num_layers else None
+    def embed_units(self) -> list[Unit]:
+        return [self.units[f"embed.{c}"] for c in range(len(self.chunks))]
 
     @property
-    def head_unit(self) -> Unit:
-        return self.units["embed" if self.cfg.tie_word_embeddings else "lm_head"]
+    def head_units(self) -> list[Unit]:
+        prefix = "embed" if self.cfg.tie_word_embeddings else "lm_head"
+        return [self.units[f"{prefix}.{c}"] for c in range(len(self.chunks))]
 
-    def hf_names(self) -> Iterator[tuple[str, Unit, str]]:
-        """(Hugging Face tensor name, unit, parameter name) for every tensor, in unit order."""
-        yield "model.embed_tokens.weight", self.units["embed"], "weight"
+    def layer_unit(self, i: int) -> Unit:
+        return self.units[f"layers.{i}"]
+
+    def hf_names(self) -> Iterator[tuple[str, list[tuple[Unit, str]]]]:
+        """(Hugging Face tensor name, [(unit, parameter name), ...]) for every tensor.
+
+        A vocabulary matrix maps to several row-block units, in row order.
+        """
+        yield "model.embed_tokens.weight", [(u, "weight") for u in self.embed_units]
         for i in range(self.cfg.num_layers):
-            unit = self.units[f"layers.{i}"]
+            unit = self.layer_unit(i)
             for n in unit.layout.names:
-                yield f"model.layers.{i}.{n}", unit, n
-        yield "model.norm.weight", self.units["norm"], "weight"
+                yield f"model.layers.{i}.{n}", [(unit, n)]
+        yield "model.norm.weight", [(self.units["norm"], "weight")]
         if not self.cfg.tie_word_embeddings:
-            yield "lm_head.weight", self.units["lm_head"], "weight"
+            yield "lm_head.weight", [(u, "weight") for u in self.head_units]
+
+    def hf_shape(self, parts: list[tuple[Unit, str]]) -> tuple[int, ...]:
+        unit, name = parts[0]
+        shape = unit.layout.shapes[unit.layout.names.index(name)]
+        if unit.rows is None:
+            return shape
+        return (self.cfg.vocab_size,) + tuple(shape[1:])
+
+    def read_tensor(self, parts: list[tuple[Unit, str]]) -> np.ndarray:
+        """A whole HF tensor (fp32) assembled from its units (copies only for chunked matrices)."""
+        arrays = [u.params()[n] for u, n in parts]
+        return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+
+    def write_tensor(self, parts: list[tuple[Unit, str]], value: np.ndarray) -> None:
+        for unit, name in parts:
+            v = value if unit.rows is None else value[unit.rows[0]: unit.rows[1]]
+            unit.layout.fill(unit.master, name, v)
 
     def tree(self) -> dict[str, Any]:
-        """Named numpy views: {"embed", "layers": [...], "norm", "lm_head"?} (no copies)."""
+        """{"embed", "layers": [{name: array}], "norm", "lm_head"?} as numpy fp32.
+
+        Layer entries are views of the master buffers; vocabulary matrices are assembled copies.
+        """
         t: dict[str, Any] = {
-            "embed": self.units["embed"].params()["weight"],
-            "layers": [self.units[f"layers.{i}"].params() for i in range(self.cfg.num_layers)],
+            "embed": self.read_tensor([(u, "weight") for u in self.embed_units]),
+            "layers": [self.layer_unit(i).params() for i in range(self.cfg.num_layers)],
             "norm": self.units["norm"].params()["weight"],
         }
         if not self.cfg.tie_word_embeddings:
-            t["lm_head"] = self.units["lm_head"].params()["weight"]
+            t["lm_head"] = self.read_tensor([(u, "weight") for u in self.head_units])
         return t
 
     def load_tree(self, tree: dict[str, Any]) -> None:
         """Copy a tree shaped like `tree()` into the master buffers."""
-        mine = self.tree()
-        for key in ("embed", "norm", "lm_head"):
-            if key in mine:
-                mine[key][...] = np.asarray(tree[key], np.float32)
-        for dst, src in zip(mine["layers"], tree["layers"]):
-            for n in dst:
-                dst[n][...] = np.asarray(src[n], np.float32)
+        self.write_tensor([(u, "weight") for u in self.embed_units], np.asarray(tree["embed"], np.float32))
+        if not self.cfg.tie_word_embeddings:
+            self.write_tensor([(u, "weight") for u in self.head_units], np.asarray(tree["lm_head"], np.float32))
+        self.units["norm"].master[:] = np.asarray(tree["norm"], np.float32).reshape(-1)
+        for i, src in enumerate(tree["layers"]):
+            unit = self.layer_unit(i)
+            for n in unit.layout.names:
+                unit.layout.fill(unit.master, n, np.asarray(src[n], np.float32))
 
     @property
     def nbytes(self) -> int:

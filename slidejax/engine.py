@@ -1,0 +1,910 @@
+"""The sliding-window engine: the GPU as a window over the model's layers.
+
+All training state lives in host memory (`HostModel` masters, host optimizer state). A step:
+
+forward   the embedding is looked up on the host (only the step's rows) and uploaded; then layer
+          by layer, with the upload of layer i+k issued *before* layer i's compute is dispatched
+          (so copies overlap compute), every micro-batch passes through layer i while its weights
+          are on the GPU. Each layer's input is its checkpoint: it goes to pinned host memory
+          asynchronously and nothing else of the layer's activations stays on the GPU.
+head      the lm_head streams in vocabulary blocks no larger than a layer: pass 1 merges each
+          block's log-sum-exp statistics, pass 2 (blocks in reverse, so the last one is still on
+          the GPU) produces each block's weight gradient and the hidden-state gradient. With one
+          block, the fused linear cross-entropy does both in one pass.
+backward  layer by layer in reverse: recompute + vjp per micro-batch, weight gradients summed in
+          fp32 on the GPU, one download per layer (a separate `device_put`, overlapping the next
+          compute), and the host optimizer updates layer i on a worker thread while the GPU works
+          on layer i-1. The embedding gradient comes back as the layer-0 input gradient and is
+          summed per distinct token on the host.
+clipping  exact: with a max norm, updates wait for the global norm (per-unit squared norms are
+          computed where the gradients are, and summed), then run in forward order, so the next
+          step's layer i waits only for layer i's update.
+
+Micro-batches alternate direction from layer to layer (0..M-1, then M-1..0): the last one a layer
+computes is the first the next layer needs, so it never leaves the GPU. Loss and gradients are of
+the loss *sum*; the host optimizer scales by 1 / (supervised tokens of the step), so the update is
+that of the token-weighted mean loss over the whole step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from slidejax import kernels
+from slidejax.config import ModelConfig
+from slidejax.embedding import RowGradient, gather_rows
+from slidejax.errors import SlidejaxError
+from slidejax.host_memory import HostModel, PinnedBuffer, Unit, host_memory_kind, memory_sharding, numpy_dtype
+from slidejax.model import LayerFn, rms_norm
+
+IGNORE = -100
+
+
+# --------------------------------------------------------------------------- small pieces
+
+@dataclasses.dataclass
+class StepMetrics:
+    """What one optimizer step reports (loss is the token-weighted mean over the step)."""
+
+    loss: float
+    grad_norm: float
+    tokens: int  # supervised tokens
+    positions: int  # all token positions processed (padding included)
+    clip_scale: float
+    seconds: float
+
+
+class Trace:
+    """Chrome/Perfetto trace events of the engine's lanes (driver, GPU, copies, host optimizer).
+
+    GPU-side spans end when a watcher thread sees their output become ready; they start at the
+    later of their dispatch and the previous span's end on the same lane, so they are a close
+    approximation, not hardware timestamps.
+    """
+
+    LANES = {"driver": 0, "compute": 1, "upload": 2, "download": 3, "host-optimizer": 4}
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.t0 = time.perf_counter()
+        self._lane_end: dict[str, float] = {}
+        self._pending: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._watcher = threading.Thread(target=self._watch, daemon=True)
+        self._watcher.start()
+
+    def now(self) -> float:
+        return (time.perf_counter() - self.t0) * 1e6
+
+    def span(self, lane: str, name: str, start: float, end: float, **args: Any) -> None:
+        with self._lock:
+            self.events.append({"name": name, "ph": "X", "ts": start, "dur": max(end - start, 0.0),
+                                "pid": 0, "tid": self.LANES[lane], "args": args})
+
+    def device(self, lane: str, name: str, value: Any) -> None:
+        """Record a span that ends when `value` (a jax array or pytree) is ready."""
+        self._pending.put((lane, name, self.now(), value))
+
+    def _watch(self) -> None:
+        while True:
+            lane, name, issued, value = self._pending.get()
+            jax.block_until_ready(value)
+            end = self.now()
+            start = max(issued, self._lane_end.get(lane, 0.0))
+            self._lane_end[lane] = end
+            self.span(lane, name, start, end)
+            self._pending.task_done()
+
+    def save(self, path: str | Path) -> None:
+        self._pending.join()
+        meta = [{"name": "thread_name", "ph": "M", "pid": 0, "tid": t, "args": {"name": n}}
+                for n, t in self.LANES.items()]
+        Path(path).write_text(json.dumps({"traceEvents": meta + self.events}))
+
+
+class HostWorker:
+    """One host thread running optimizer updates, most urgent first.
+
+    Priorities follow the order in which the next forward pass needs the units, so a backlog never
+    delays the unit the GPU will wait for first. Exceptions are re-raised in the driver.
+    """
+
+    def __init__(self, trace: Trace | None):
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._error: BaseException | None = None
+        self._trace = trace
+        self._thread = threading.Thread(target=self._run, daemon=True, name="slidejax-host-optimizer")
+        self._thread.start()
+
+    def submit(self, priority: int, name: str, fn: Callable[[], None], done: threading.Event) -> None:
+        self.check()
+        done.clear()
+        self._queue.put((priority, next(self._seq), name, fn, done))
+
+    def _run(self) -> None:
+        while True:
+            _, _, name, fn, done = self._queue.get()
+            try:
+                start = self._trace.now() if self._trace else 0.0
+                if self._error is None:
+                    fn()
+                if self._trace:
+                    self._trace.span("host-optimizer", name, start, self._trace.now())
+            except BaseException as e:  # noqa: BLE001 - re-raised in the driver
+                self._error = e
+            finally:
+                done.set()
+                self._queue.task_done()
+
+    def join(self) -> None:
+        self._queue.join()
+        self.check()
+
+    def check(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+
+class _Acts:
+    """One stage boundary's per-micro-batch activations: on the device while in use, otherwise in
+    pinned host memory (so the boundary costs no GPU memory however many micro-batches a step has).
+    """
+
+    def __init__(self, engine: "SlidingEngine", n: int):
+        self.e, self.dev, self.host = engine, [None] * n, [None] * n
+
+    def put(self, mb: int, value: jax.Array, *, keep: bool, offload: bool = True) -> None:
+        if self.e.all_resident:  # the all-on-device reference keeps activations on the device
+            keep, offload = True, False
+        self.dev[mb] = value if keep else None
+        if offload:
+            self.host[mb] = self.e._download(value, "activation")
+        elif not keep:
+            raise AssertionError("an activation must be kept or offloaded")
+
+    def get(self, mb: int) -> jax.Array:
+        if self.dev[mb] is None:
+            self.dev[mb] = self.e._upload_array(self.host[mb], "activation")
+        return self.dev[mb]
+
+    def prefetch(self, mb: int) -> None:
+        if 0 <= mb < len(self.dev) and self.dev[mb] is None and self.host[mb] is not None:
+            self.dev[mb] = self.e._upload_array(self.host[mb], "activation")
+
+    def release(self, mb: int) -> None:
+        if self.host[mb] is not None:
+            self.dev[mb] = None
+
+
+# --------------------------------------------------------------------------- compiled stage functions
+
+def _batch_field(batch: Any, name: str) -> np.ndarray | None:
+    value = batch.get(name) if isinstance(batch, dict) else getattr(batch, name, None)
+    return None if value is None else np.asarray(value)
+
+
+def _needs_segment_mask(seg: np.ndarray) -> bool:
+    """False when plain causal attention is exact: each row is one document then padding."""
+    if seg is None:
+        return False
+    body = seg > 0
+    return bool(np.any(seg[body] != 1) or np.any(body[:, 1:] & ~body[:, :-1]))
+
+
+class _StageFns:
+    """The jitted per-stage functions. Shapes decide compilation; every layer shares them."""
+
+    def __init__(self, cfg: ModelConfig, layer_layout, compute_dtype, loss_impl: str, attention_impl):
+        self.cfg = cfg
+        self.layout = layer_layout
+        self.layer_fn = LayerFn(cfg, attention_impl)
+        self.dtype = compute_dtype
+        self.impl = loss_impl
+        eps = cfg.rms_norm_eps
+        layout = layer_layout
+
+        def fwd(w, x, pos, seg):
+            return self.layer_fn(layout.views(w), x, pos, seg)
+
+        def bwd(w, x, pos, seg, dy, acc):
+            tree = layout.views(w)
+            _, vjp = jax.vjp(lambda t, xx: self.layer_fn(t, xx, pos, seg), tree, x)
+            dtree, dx = vjp(dy)
+            dw = layout.flatten({k: v.astype(jnp.float32) for k, v in dtree.items()})
+            return dx, dw if acc is None else acc + dw
+
+        def finish(acc):
+            return acc.astype(compute_dtype), jnp.sum(jnp.square(acc))
+
+        def norm_fwd(w, x):
+            return rms_norm(x, w, eps)
+
+        def norm_bwd(w, x, dh, acc):
+            _, vjp = jax.vjp(lambda ww, xx: rms_norm(xx, ww, eps), w, x)
+            dw, dx = vjp(dh.astype(x.dtype))
+            dw = dw.astype(jnp.float32)
+            return dx, dw if acc is None else acc + dw
+
+        H = cfg.hidden_size
+
+        def stats(h, w, labels, v0, prev):
+            w = w.reshape(-1, H)
+            b = kernels.lce_chunk_stats(h.reshape(-1, h.shape[-1]), w, labels, v0, impl=self.impl)
+            return b if prev is None else kernels.combine_stats(prev, b)
+
+        def loss(stats_, labels):
+            lse = kernels.lse_from_stats(stats_[0], stats_[1])
+            total, _ = kernels.loss_from_stats(lse, stats_[2], labels)
+            return lse, total
+
+        def grads(h, w, labels, v0, lse, dh_acc, dw_acc):
+            w = w.reshape(-1, H)
+            hf = h.reshape(-1, h.shape[-1])
+            scale = (labels != IGNORE).astype(jnp.float32)
+            dh, dw = kernels.lce_chunk_grads(hf, w, labels, v0, lse, scale, impl=self.impl)
+            dh, dw = dh.reshape(h.shape), dw.reshape(-1)
+            return (dh if dh_acc is None else dh_acc + dh), (dw if dw_acc is None else dw_acc + dw)
+
+        def fused(h, w, labels, dw_acc):
+            w = w.reshape(-1, H)
+            hf = h.reshape(-1, h.shape[-1])
+            (total, _), vjp = jax.vjp(lambda hh, ww: kernels.linear_cross_entropy(hh, ww, labels, impl=self.impl), hf, w)
+            dh, dw = vjp((jnp.ones((), jnp.float32), np.zeros((), jax.dtypes.float0)))
+            dw = dw.astype(jnp.float32).reshape(-1)
+            return total, dh.astype(jnp.float32).reshape(h.shape), (dw if dw_acc is None else dw_acc + dw)
+
+        def logits(h, w):
+            return jnp.einsum("bsh,vh->bsv", h, w.reshape(-1, H), preferred_element_type=jnp.float32)
+
+        self.fwd = jax.jit(fwd)
+        self.bwd = jax.jit(bwd, donate_argnums=(5,))
+        self.finish = jax.jit(finish)
+        self.norm_fwd = jax.jit(norm_fwd)
+        self.norm_bwd = jax.jit(norm_bwd, donate_argnums=(3,))
+        self.stats = jax.jit(stats)
+        self.loss = jax.jit(loss)
+        self.grads = jax.jit(grads, donate_argnums=(5, 6))
+        self.fused = jax.jit(fused, donate_argnums=(3,))
+        self.logits = jax.jit(logits)
+        self.cast = jax.jit(lambda a: a.astype(compute_dtype))
+        self.sq = jax.jit(lambda a: jnp.sum(jnp.square(a.astype(jnp.float32))))
+
+        def embed_lookup(ws, firsts, ids):
+            out = jnp.zeros(ids.shape + (cfg.hidden_size,), compute_dtype)
+            for w, a in zip(ws, firsts):
+                w = w.reshape(-1, H)
+                local = ids - a
+                inside = (local >= 0) & (local < w.shape[0])
+                out = out + jnp.where(inside[..., None], jnp.take(w, jnp.clip(local, 0, w.shape[0] - 1), axis=0), 0)
+            return out
+
+        def embed_grads(ids, dxs, sizes_firsts):
+            flat_ids = ids.reshape(-1)
+            dx = dxs.reshape(-1, dxs.shape[-1]).astype(jnp.float32)
+            out = []
+            for size, a in sizes_firsts:
+                local = flat_ids - a
+                inside = (local >= 0) & (local < size)
+                g = jnp.zeros((size, dx.shape[-1]), jnp.float32).at[jnp.where(inside, local, size)].add(dx, mode="drop")
+                out.append(g.reshape(-1))
+            return out
+
+        self.embed_lookup = jax.jit(embed_lookup, static_argnums=(1,))
+        self.embed_grads = jax.jit(embed_grads, static_argnums=(2,))
+
+
+# --------------------------------------------------------------------------- the engine
+
+class SlidingEngine:
+    """Trains a `HostModel` with a host optimizer, streaming layers through one device.
+
+    Args:
+      host: the model's fp32 master weights in host memory (updated in place).
+      optimizer: a host optimizer (`slidejax.host_optimizer.HostAdamW`, `HostOptax`, ...).
+      compute_dtype: dtype of the weights and activations on the device ("bfloat16"; "float32"
+        for exactness tests).
+      prefetch: k, how many layers ahead uploads are issued (>= 1; 2 measured to be needed for
+        full overlap). At most k+1 streamed layers' weights are on the device at once.
+      resident_layers: keep the last this-many decoder layers' weights and optimizer state on the
+        device (updated there by the equivalent optax transformation) instead of streaming them.
+        With every layer resident, the embedding, norm and head are resident too: the all-on-GPU
+        reference with the same kernels.
+      max_grad_norm: clip the global gradient norm to this (0 = off), exactly.
+      loss_impl: fused linear cross-entropy implementation ("auto", "triton", "jax").
+      trace: record a Chrome/Perfetto timeline (see `save_trace`).
+    """
+
+    def __init__(self, host: HostModel, optimizer: Any, *, compute_dtype: Any = "bfloat16",
+                 prefetch: int = 2, resident_layers: int = 0, max_grad_norm: float = 0.0,
+                 device: jax.Device | None = None, loss_impl: str = "auto",
+                 attention_impl: str | None = None, trace: bool = False):
+        if prefetch < 1:
+            raise SlidejaxError(f"prefetch must be >= 1, got {prefetch}")
+        cfg = host.cfg
+        self.host, self.cfg, self.opt = host, cfg, optimizer
+        self.dtype = jnp.dtype(numpy_dtype(compute_dtype))
+        self.np_dtype = numpy_dtype(compute_dtype)
+        self.prefetch = prefetch
+        self.max_grad_norm = float(max_grad_norm)
+        self.device = device or jax.devices()[0]
+        self.dev_sharding = memory_sharding(self.device, "device")
+        self.host_sharding = memory_sharding(self.device, host_memory_kind(self.device))
+        self.L = cfg.num_layers
+        self.resident_layers = max(0, min(int(resident_layers), self.L))
+        self.all_resident = self.resident_layers == self.L
+        self.trace = Trace() if trace else None
+        self.worker = HostWorker(self.trace)
+        self.fns = _StageFns(cfg, host.layer_unit(0).layout if self.L else None, self.dtype, loss_impl, attention_impl)
+        self.step_count = 0
+
+        self.resident: set[str] = {f"layers.{i}" for i in range(self.L - self.resident_layers, self.L)}
+        if self.all_resident:
+            self.resident |= set(host.units)
+        head_names = {u.name for u in host.head_units}
+        self.ready: dict[str, threading.Event] = {}
+        self.upload_buf: dict[str, Any] = {}  # streamed: PinnedBuffer, or numpy (host-only embedding)
+        self.opt_state: dict[str, Any] = {}
+        self.dev_state: dict[str, dict[str, Any]] = {}  # resident units: master, opt state, weights
+        self.rows_ready: dict[str, threading.Event] = {}
+        for name, unit in host.units.items():
+            self.ready[name], self.rows_ready[name] = threading.Event(), threading.Event()
+            self.ready[name].set()
+            self.rows_ready[name].set()
+            if name in self.resident:
+                self._init_resident(unit)
+                continue
+            if name.startswith("embed.") and name not in head_names:
+                buf = np.empty(unit.master.shape, self.np_dtype)  # only gathered from, on the host
+                buf[...] = unit.master.astype(self.np_dtype)
+                self.upload_buf[name] = buf
+            else:
+                pb = PinnedBuffer(unit.master.size, self.np_dtype, self.device)
+                pb.host[...] = unit.master.astype(self.np_dtype)
+                self.upload_buf[name] = pb
+            shape = (unit.rows[1] - unit.rows[0], cfg.hidden_size) if unit.rows else unit.master.shape
+            self.opt_state[name] = optimizer.init(unit.master.reshape(shape), tree_of=self._tree_of(unit))
+        self._staging: list[PinnedBuffer] = []
+        self._staging_guard: Any = None  # the last computation that read the staging buffers
+        self._pending_embed: tuple | None = None
+        self._embed_job: tuple | None = None
+
+    # ----- placement helpers
+
+    def _tree_of(self, unit: Unit) -> Callable[[np.ndarray], Any]:
+        return lambda flat: unit.layout.views(flat.reshape(-1))
+
+    def _init_resident(self, unit: Unit) -> None:
+        layout = unit.layout
+        mask = {n: i < len(layout.names) and layout.offsets[i] < layout.decay_split
+                for i, n in enumerate(layout.names)}
+        tx = self.opt.to_optax(mask=mask)
+        master = jax.device_put(unit.master, self.dev_sharding)
+        opt_state = jax.jit(lambda m: tx.init(layout.views(m)))(master)
+        dtype = self.dtype
+
+        def update(master, opt_state, grad, scale):
+            g = layout.views(grad.astype(jnp.float32) * scale)
+            p = layout.views(master)
+            updates, opt_state = tx.update(g, opt_state, p)
+            new = layout.flatten(optax.apply_updates(p, updates))
+            return new, opt_state, new.astype(dtype)
+
+        self.dev_state[unit.name] = {
+            "master": master, "opt": opt_state, "weights": master.astype(self.dtype),
+            "update": jax.jit(update, donate_argnums=(0, 1)),
+        }
+
+    # ----- transfers (each a separate device_put issued by the driver thread)
+
+    def _upload_array(self, host_array: Any, what: str) -> jax.Array:
+        out = jax.device_put(host_array, self.dev_sharding)
+        if self.trace:
+            self.trace.device("upload", what, out)
+        return out
+
+    def _download(self, value: jax.Array, what: str) -> jax.Array:
+        out = jax.device_put(value, self.host_sharding)
+        if self.trace:
+            self.trace.device("download", what, out)
+        return out
+
+    def _weights(self, name: str) -> jax.Array:
+        """Issue (or return) unit `name`'s weights on the device."""
+        if name in self.resident:
+            return self.dev_state[name]["weights"]
+        self.ready[name].wait()
+        self.worker.check()
+        return self._upload_array(self.upload_buf[name].array, name)
+
+    def _compute(self, what: str, value: Any) -> Any:
+        if self.trace:
+            self.trace.device("compute", what, value)
+        return value
+
+    # ----- the step
+
+    def step(self, batch: Any, next_input_ids: np.ndarray | None = None) -> StepMetrics:
+        """One optimizer step on `batch` ([M, B, S] arrays: input_ids, labels, positions,
+        segment_ids). `next_input_ids`, when given, lets the embedding rows the next step looks
+        up be updated first (the rest of the table is updated while the next step runs)."""
+        t0 = time.perf_counter()
+        ids, labels, pos, seg = self._arrays(batch)
+        n_tokens = int(np.sum(labels != IGNORE))
+        if n_tokens == 0:
+            raise SlidejaxError("a training step has no supervised tokens (all labels are -100)")
+        self._flush_embed_update(ids)
+        self.worker.check()
+        self._sq_norms: dict[str, Any] = {}
+        self._pending: list[tuple[int, str, Any]] = []
+        self._tied_head_grad: dict[str, Any] = {}
+        self._resident_updates: list[tuple[str, Any]] = []
+        # Without clipping the update scale is known now and updates start as gradients arrive.
+        self._scale = None if self.max_grad_norm > 0 else 1.0 / n_tokens
+
+        dev = self._step_inputs(ids, labels, pos, seg)
+        x_last, ckpt = self._forward(ids, dev, train=True)
+        loss_sum, dh, head_state = self._head(x_last, dev, train=True)
+        self._backward(ids, dev, ckpt, x_last, dh, head_state)
+        loss = float(loss_sum) / n_tokens
+        total = self._embedding_gradient() + sum(float(v) for v in self._sq_norms.values())
+        norm = float(np.sqrt(total)) / n_tokens
+        clip = 1.0
+        if self.max_grad_norm > 0:
+            clip = self.max_grad_norm / max(norm, self.max_grad_norm)
+            self._scale = clip / n_tokens
+        self._release_updates(next_input_ids)
+        self.step_count += 1
+        return StepMetrics(loss=loss, grad_norm=norm, tokens=n_tokens, positions=int(ids.size),
+                           clip_scale=clip, seconds=time.perf_counter() - t0)
+
+    def _arrays(self, batch: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        ids = _batch_field(batch, "input_ids")
+        if ids is None or ids.ndim != 3:
+            raise SlidejaxError("a batch needs input_ids of shape [micro_batches, batch, seq_len]")
+        ids = ids.astype(np.int32)
+        labels = _batch_field(batch, "labels")
+        labels = np.full(ids.shape, IGNORE, np.int32) if labels is None else labels.astype(np.int32)
+        pos = _batch_field(batch, "positions")
+        pos = (np.broadcast_to(np.arange(ids.shape[-1], dtype=np.int32), ids.shape) if pos is None
+               else pos.astype(np.int32))
+        seg = _batch_field(batch, "segment_ids")
+        if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
+            raise SlidejaxError(f"token id out of range [0, {self.cfg.vocab_size}) in input_ids")
+        return ids, labels, pos, seg
+
+    def _step_inputs(self, ids, labels, pos, seg) -> list[dict[str, Any]]:
+        out = []
+        for mb in range(ids.shape[0]):
+            s = seg[mb].astype(np.int32) if seg is not None and _needs_segment_mask(seg[mb]) else None
+            out.append({
+                "pos": jax.device_put(np.ascontiguousarray(pos[mb]), self.dev_sharding),
+                "seg": None if s is None else jax.device_put(s, self.dev_sharding),
+                "labels": jax.device_put(np.ascontiguousarray(labels[mb].reshape(-1)), self.dev_sharding),
+            })
+        return out
+
+    @staticmethod
+    def _order(stage: int, M: int) -> list[int]:
+        return list(range(M)) if stage % 2 == 0 else list(range(M - 1, -1, -1))
+
+    # ----- forward
+
+    def _embed(self, ids: np.ndarray) -> _Acts:
+        """Layer-0 inputs for every micro-batch: gathered on the host, uploaded like activations."""
+        M = ids.shape[0]
+        acts = _Acts(self, M)
+        units = self.host.embed_units
+        if self.all_resident:
+            ws = [self.dev_state[u.name]["weights"] for u in units]
+            firsts = tuple(u.rows[0] for u in units)
+            for mb in range(M):
+                x = self.fns.embed_lookup(ws, firsts, jax.device_put(ids[mb], self.dev_sharding))
+                acts.dev[mb] = x
+            return acts
+        for u in units:
+            self.rows_ready[u.name].wait()
+        self.worker.check()
+        tables = []
+        for u in units:
+            buf = self.upload_buf[u.name]
+            table = buf.host if isinstance(buf, PinnedBuffer) else buf
+            tables.append((u.rows[0], table.reshape(u.rows[1] - u.rows[0], -1)))
+        shape = ids.shape[1:] + (self.cfg.hidden_size,)
+        n = int(np.prod(shape))
+        # Every upload from the staging buffers fed layer 0; once that is done they are free.
+        jax.block_until_ready(self._staging_guard)
+        if self._staging and len(self._staging[0]) != n:
+            self._staging = []
+        while len(self._staging) < M:
+            self._staging.append(PinnedBuffer(n, self.np_dtype, self.device))
+        for mb in range(M):
+            stage = self._staging[mb]
+            gather_rows(tables, ids[mb], stage.host)
+            # The staged rows are also layer 0's checkpoint: no download needed.
+            acts.host[mb] = stage.array.reshape(shape)
+        return acts
+
+    def _forward(self, ids: np.ndarray, dev: list[dict[str, Any]], train: bool) -> tuple[_Acts, list[_Acts]]:
+        M = ids.shape[0]
+        cur = self._embed(ids)
+        ckpt: list[_Acts] = []
+        window: dict[int, jax.Array] = {}
+        last_out = None
+        for i in range(self.L):
+            if train:
+                ckpt.append(cur)
+            # At most k+1 streamed layers on the device: the previous layer's compute must be
+            # done before the next upload is issued, and that upload issued before this compute.
+            if last_out is not None and f"layers.{i - 1}" not in self.resident:
+                jax.block_until_ready(last_out)
+            window.pop(i - 1, None)
+            for j in range(i, min(self.L, i + self.prefetch + 1)):
+                if j not in window:
+                    window[j] = self._weights(f"layers.{j}")
+            w = window[i]
+            nxt = _Acts(self, M)
+            order = self._order(i, M)
+            for n, mb in enumerate(order):
+                if n + 1 < M:
+                    cur.prefetch(order[n + 1])
+                y = self.fns.fwd(w, cur.get(mb), dev[mb]["pos"], dev[mb]["seg"])
+                self._compute(f"fwd {i}.{mb}", y)
+                cur.release(mb)
+                last = n == M - 1
+                # Layer i's output is layer i+1's checkpoint; the last micro-batch stays on the
+                # device because the next layer starts with it.
+                nxt.put(mb, y, keep=last, offload=train or not last)
+                last_out = y
+            if i == 0:
+                self._staging_guard = last_out
+            cur = nxt
+        self._window = window  # the last layers stay on the device for the start of backward
+        return cur, ckpt
+
+    # ----- head
+
+    def _head(self, x_last: _Acts, dev: list[dict[str, Any]], train: bool, want_logits: bool = False):
+        """Final norm and loss (or logits). Returns (loss sum, dh as _Acts, head state)."""
+        M = len(dev)
+        fns = self.fns
+        norm_w = self._weights("norm")
+        units = self.host.head_units
+        C = len(units)
+        h = _Acts(self, M)
+        order = self._order(self.L, M)
+        for n, mb in enumerate(order):
+            if n + 1 < M:
+                x_last.prefetch(order[n + 1])
+            hv = fns.norm_fwd(norm_w, x_last.get(mb))
+            if n < M - 1:
+                x_last.release(mb)
+            h.put(mb, hv, keep=n == M - 1 or M == 1, offload=M > 1)
+        state = (norm_w, order)
+
+        if want_logits:
+            parts = [[None] * C for _ in range(M)]
+            for c, u in enumerate(units):
+                w = self._weights(u.name)
+                for mb in range(M):
+                    parts[mb][c] = np.asarray(fns.logits(h.get(mb), w))
+            return [np.concatenate(p, axis=-1) for p in parts], None, state
+
+        if C == 1 and train:
+            # One vocabulary block: the fused linear cross-entropy gives loss and both gradients.
+            w = self._weights(units[0].name)
+            total, dw_acc = 0.0, None
+            dh = _Acts(self, M)
+            for n, mb in enumerate(order[::-1]):
+                loss_mb, d, dw_acc = fns.fused(h.get(mb), w, dev[mb]["labels"], dw_acc)
+                total = total + loss_mb
+                dh.put(mb, self._compute(f"head {mb}", d), keep=n == M - 1 or M == 1, offload=M > 1)
+                h.release(mb)
+            self._finish_unit(units[0].name, dw_acc)
+            return total, dh, state
+
+        # Pass 1: statistics, vocabulary blocks in order.
+        stats: list[Any] = [None] * M
+        blocks: dict[int, jax.Array] = {}
+        for c, u in enumerate(units):
+            blocks.pop(c - 1, None)
+            for j in range(c, min(C, c + self.prefetch + 1)):
+                if j not in blocks:
+                    blocks[j] = self._weights(units[j].name)
+            corder = order if c % 2 == 0 else order[::-1]
+            for n, mb in enumerate(corder):
+                if n + 1 < M:
+                    h.prefetch(corder[n + 1])
+                stats[mb] = fns.stats(h.get(mb), blocks[c], dev[mb]["labels"], jnp.int32(u.rows[0]), stats[mb])
+                self._compute(f"head stats {c}.{mb}", stats[mb])
+                if n < M - 1:
+                    h.release(mb)
+        total, lse = 0.0, [None] * M
+        for mb in range(M):
+            lse[mb], t = fns.loss(stats[mb], dev[mb]["labels"])
+            total = total + t
+        if not train:
+            return total, None, state
+
+        # Pass 2: gradients, blocks in reverse (the last block is still on the device).
+        dh = _Acts(self, M)
+        porder = (order if (C - 1) % 2 == 0 else order[::-1])[::-1]
+        for c in range(C - 1, -1, -1):
+            blocks.pop(c + 1, None)
+            for j in range(c, max(-1, c - self.prefetch - 1), -1):
+                if j not in blocks:
+                    blocks[j] = self._weights(units[j].name)
+            dw_acc = None
+            for n, mb in enumerate(porder):
+                if n + 1 < M:
+                    h.prefetch(porder[n + 1])
+                    dh.prefetch(porder[n + 1])
+                prev = dh.get(mb) if c < C - 1 else None
+                d, dw_acc = fns.grads(h.get(mb), blocks[c], dev[mb]["labels"], jnp.int32(units[c].rows[0]),
+                                      lse[mb], prev, dw_acc)
+                keep = n == M - 1 or M == 1
+                dh.put(mb, self._compute(f"head grads {c}.{mb}", d), keep=keep, offload=M > 1)
+                if not keep:
+                    h.release(mb)
+            self._finish_unit(units[c].name, dw_acc)
+            porder = porder[::-1]
+        blocks.clear()
+        return total, dh, state
+
+    # ----- backward
+
+    def _backward(self, ids: np.ndarray, dev: list[dict[str, Any]], ckpt: list[_Acts], x_last: _Acts,
+                  dh: _Acts, head_state: Any) -> None:
+        M = ids.shape[0]
+        fns = self.fns
+        norm_w, _ = head_state
+        dy = _Acts(self, M)
+        acc = None
+        border = [mb for mb in range(M) if dh.dev[mb] is not None] + [mb for mb in range(M) if dh.dev[mb] is None]
+        for n, mb in enumerate(border):
+            dx, acc = fns.norm_bwd(norm_w, x_last.get(mb), dh.get(mb), acc)
+            x_last.release(mb)
+            dh.release(mb)
+            dy.put(mb, dx, keep=n == M - 1 or M == 1, offload=M > 1)
+        self._finish_unit("norm", acc)
+
+        window = self._window
+        last_out = None
+        for i in range(self.L - 1, -1, -1):
+            if last_out is not None and f"layers.{i + 1}" not in self.resident:
+                jax.block_until_ready(last_out)
+            window.pop(i + 1, None)
+            for j in range(i, max(-1, i - self.prefetch - 1), -1):
+                if j not in window:
+                    window[j] = self._weights(f"layers.{j}")
+            w = window[i]
+            xs = ckpt[i]
+            nxt = _Acts(self, M)
+            # Start with the micro-batch whose dy is still on the device.
+            border = [mb for mb in range(M) if dy.dev[mb] is not None] + \
+                     [mb for mb in range(M) if dy.dev[mb] is None]
+            acc = None
+            for n, mb in enumerate(border):
+                if n + 1 < M:
+                    xs.prefetch(border[n + 1])
+                    dy.prefetch(border[n + 1])
+                dx, acc = fns.bwd(w, xs.get(mb), dev[mb]["pos"], dev[mb]["seg"], dy.get(mb), acc)
+                self._compute(f"bwd {i}.{mb}", dx)
+                xs.release(mb)
+                dy.release(mb)
+                keep = n == M - 1 or M == 1
+                # The layer-0 input gradient is the embedding's: always to the host.
+                nxt.put(mb, dx, keep=keep and i > 0, offload=i == 0 or not keep)
+                last_out = dx
+            if i == 0:
+                self._staging_guard = last_out
+            self._finish_unit(f"layers.{i}", acc)
+            dy = nxt
+        window.clear()
+
+        units = self.host.embed_units
+        if self.all_resident:
+            dxs = jnp.stack([dy.dev[mb] if dy.dev[mb] is not None else dy.get(mb) for mb in range(M)])
+            grads = fns.embed_grads(jax.device_put(ids, self.dev_sharding), dxs,
+                                    tuple((u.rows[1] - u.rows[0], u.rows[0]) for u in units))
+            for u, g in zip(units, grads):
+                if self.cfg.tie_word_embeddings:
+                    g = g + self._tied_head_grad.pop(u.name)
+                self._finish_unit(u.name, g, tied_done=True)
+        else:
+            self._embed_job = (RowGradient(ids), [dy.host[mb] for mb in range(M)])
+
+    # ----- gradients to the optimizer
+
+    def _finish_unit(self, name: str, acc: jax.Array, tied_done: bool = False) -> None:
+        """A unit's gradient (fp32, summed over micro-batches) is complete on the device."""
+        tied = self.cfg.tie_word_embeddings and name.startswith("embed.") and not tied_done
+        if name in self.resident:
+            if tied:
+                self._tied_head_grad[name] = acc  # the embedding's share arrives at the end
+                return
+            self._sq_norms[name] = self.fns.sq(acc)
+            if self._scale is not None:
+                self._update_resident(name, acc, self._scale)
+            else:
+                self._resident_updates.append((name, acc))
+            return
+        grad, sq = self.fns.finish(acc)
+        self._compute(f"grad {name}", grad)
+        host_grad = self._download(grad, f"grad {name}")
+        self._sq_norms[name] = sq
+        if tied:
+            # Completed on the host with the embedding's rows (see `_embedding_gradient`).
+            self._tied_head_grad[name] = host_grad
+            return
+        if self._scale is not None:
+            self._submit(name, host_grad, self._scale)
+        else:
+            self._pending.append((name, host_grad))
+
+    def _update_resident(self, name: str, grad: jax.Array, scale: float) -> None:
+        st = self.dev_state[name]
+        st["master"], st["opt"], st["weights"] = st["update"](st["master"], st["opt"], grad, jnp.float32(scale))
+
+    def _priority(self, name: str) -> int:
+        """Forward order: the order in which the next step needs the units."""
+        if name.startswith("layers."):
+            return 1 + int(name.split(".")[1])
+        return {"norm": self.L + 1}.get(name, self.L + 2)
+
+    def _submit(self, name: str, grad: Any, scale: float) -> None:
+        unit = self.host.units[name]
+        shape = self._shape(unit)
+        upload = self._upload_view(name).reshape(shape)
+        state = self.opt_state[name]
+
+        def run() -> None:
+            g = np.asarray(grad).reshape(shape)  # waits for the download to land
+            self.opt.update(state, unit.master.reshape(shape), g, upload,
+                            decay_split=unit.layout.decay_split, grad_scale=scale)
+        self.worker.submit(self._priority(name), f"update {name}", run, self.ready[name])
+
+    def _shape(self, unit: Unit) -> tuple[int, ...]:
+        return (unit.rows[1] - unit.rows[0], self.cfg.hidden_size) if unit.rows else unit.master.shape
+
+    def _upload_view(self, name: str) -> np.ndarray:
+        buf = self.upload_buf[name]
+        return buf.host if isinstance(buf, PinnedBuffer) else buf
+
+    def _embedding_gradient(self) -> float:
+        """Sum the layer-0 input gradients per distinct token (host, as soon as they land) and
+        return what the embedding adds to the squared global norm."""
+        if self._embed_job is None:
+            return 0.0
+        rowgrad, dxs = self._embed_job
+        values = rowgrad.accumulate([np.asarray(d) for d in dxs])
+        if not self.cfg.tie_word_embeddings:
+            return rowgrad.sq_norm()
+        # Tied: |head + rows|^2 = |head|^2 (already counted) + sum over rows of 2 head.r + r.r
+        extra = 0.0
+        for u in self.host.embed_units:
+            a, b = u.rows
+            sel = (rowgrad.rows >= a) & (rowgrad.rows < b)
+            r = values[sel]
+            hg = np.asarray(self._tied_head_grad[u.name]).reshape(b - a, -1)[rowgrad.rows[sel] - a].astype(np.float32)
+            extra += float(2.0 * np.vdot(hg, r) + np.vdot(r, r))
+        return extra
+
+    def _release_updates(self, next_ids: np.ndarray | None) -> None:
+        """End of backward: the scale is final; start every update not started yet."""
+        pending, self._pending = self._pending, []
+        for name, grad in sorted(pending, key=lambda p: self._priority(p[0])):
+            self._submit(name, grad, self._scale)
+        for name, grad in self._resident_updates:
+            self._update_resident(name, grad, self._scale)
+        self._resident_updates = []
+        if not self.all_resident:
+            rowgrad, dxs = self._embed_job
+            self._embed_job = None
+            self._pending_embed = (rowgrad, dxs, dict(self._tied_head_grad), self._scale)
+            for u in self.host.embed_units:
+                self.rows_ready[u.name].clear()
+                self.ready[u.name].clear()
+            if next_ids is not None:
+                self._flush_embed_update(next_ids)
+
+    def _flush_embed_update(self, next_ids: np.ndarray | None) -> None:
+        """Start the deferred embedding (and tied head) update: with the next step's token ids
+        known, their rows first (the next forward waits only for those), the rest after every
+        layer's update."""
+        if self._pending_embed is None:
+            return
+        rowgrad, dxs, head_grads, scale = self._pending_embed
+        self._pending_embed = None
+        tied = self.cfg.tie_word_embeddings
+        need = None if next_ids is None else np.unique(next_ids.reshape(-1))
+
+        for u in self.host.embed_units:
+            a, b = u.rows
+            shape = self._shape(u)
+            upload = self._upload_view(u.name).reshape(shape)
+            master = u.master.reshape(shape)
+            state = self.opt_state[u.name]
+            args: dict[str, Any] = {}
+
+            def grad_of(u=u, a=a, b=b, args=args) -> tuple[np.ndarray, dict[str, Any]]:
+                if "grad" not in args:
+                    if tied:
+                        g = np.asarray(head_grads[u.name]).astype(np.float32).reshape(b - a, -1)
+                        sel = (rowgrad.rows >= a) & (rowgrad.rows < b)
+                        g[rowgrad.rows[sel] - a] += rowgrad.values[sel]
+                        args["grad"], args["kw"] = g, {}
+                    else:
+                        args["grad"], args["kw"] = rowgrad.values, {"grad_index": rowgrad.index_for(a, b)}
+                return args["grad"], args["kw"]
+
+            def update(rows, u=u, state=state, master=master, upload=upload, grad_of=grad_of):
+                g, kw = grad_of()
+                self.opt.update(state, master, g, upload, decay_split=u.layout.decay_split,
+                                grad_scale=scale, rows=rows, **kw)
+
+            if need is not None and getattr(self.opt, "supports_rows", False):
+                local = need[(need >= a) & (need < b)] - a
+                self.worker.submit(0, f"update {u.name} (next rows)", lambda update=update, r=local: update(r),
+                                   self.rows_ready[u.name])
+                self.worker.submit(self.L + 3, f"update {u.name}", lambda update=update: update(None),
+                                   self.ready[u.name])
+            else:
+                self.worker.submit(0, f"update {u.name}", lambda update=update: update(None), self.ready[u.name])
+                self.worker.submit(0, f"{u.name} ready", lambda: None, self.rows_ready[u.name])
+
+    def sync(self) -> None:
+        """Finish every pending update (before reading or saving the weights)."""
+        self._flush_embed_update(None)
+        self.worker.join()
+        for name in self.dev_state:
+            self._pull_resident(name)
+
+    def _pull_resident(self, name: str) -> None:
+        self.host.units[name].master[...] = np.asarray(self.dev_state[name]["master"])
+
+    # ----- forward-only uses
+
+    def eval_loss(self, batch: Any) -> tuple[float, int]:
+        """(summed loss, supervised tokens) of `batch` with the current weights; no update."""
+        self.sync()
+        ids, labels, pos, seg = self._arrays(batch)
+        dev = self._step_inputs(ids, labels, pos, seg)
+        x_last, _ = self._forward(ids, dev, train=False)
+        total, _, _ = self._head(x_last, dev, train=False)
+        self._window.clear()
+        return float(total), int(np.sum(labels != IGNORE))
+
+    def logits(self, input_ids: np.ndarray, positions: np.ndarray | None = None,
+               segment_ids: np.ndarray | None = None) -> np.ndarray:
+        """fp32 logits [B, S, V] through the same layer-by-layer path as training."""
+        self.sync()
+        ids = np.asarray(input_ids)[None]
+        batch = {"input_ids": ids,
+                 "positions": None if positions is None else np.asarray(positions)[None],
+                 "segment_ids": None if segment_ids is None else np.asarray(segment_ids)[None]}
+        ids, labels, pos, seg = self._arrays(batch)
+        dev = self._step_inputs(ids, labels, pos, seg)
+        x_last, _ = self._forward(ids, dev, train=False)
+        out, _, _ = self._head(x_last, dev, train=False, want_logits=True)
+        self._window.clear()
+        return out[0]
+
+    def save_trace(self, path: str | Path) -> None:
+        """Write the recorded timeline (engine built with trace=True) as Chrome trace JSON."""
+        if self.trace is None:
+            raise SlidejaxError("the engine was built without trace=True")
+        self.trace.save(path)
