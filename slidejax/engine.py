@@ -365,6 +365,8 @@ class SlidingEngine:
             self.ready[name].set()
             self.rows_ready[name].set()
             if name in self.resident:
+                if optimizer is None:
+                    raise SlidejaxError("resident units need an optimizer")
                 self._init_resident(unit)
                 continue
             if name.startswith("embed.") and name not in head_names:
@@ -375,8 +377,8 @@ class SlidingEngine:
                 pb = PinnedBuffer(unit.master.size, self.np_dtype, self.device)
                 pb.host[...] = unit.master.astype(self.np_dtype)
                 self.upload_buf[name] = pb
-            shape = (unit.rows[1] - unit.rows[0], cfg.hidden_size) if unit.rows else unit.master.shape
-            self.opt_state[name] = optimizer.init(unit.master.reshape(shape), tree_of=self._tree_of(unit))
+            if optimizer is not None:  # None: an inference-only engine
+                self.opt_state[name] = optimizer.init(unit.master.reshape(self._shape(unit)), tree_of=self._tree_of(unit))
         self._staging: list[PinnedBuffer] = []
         self._staging_guard: Any = None  # the last computation that read the staging buffers
         self._pending_embed: tuple | None = None
@@ -441,6 +443,8 @@ class SlidingEngine:
         """One optimizer step on `batch` ([M, B, S] arrays: input_ids, labels, positions,
         segment_ids). `next_input_ids`, when given, lets the embedding rows the next step looks
         up be updated first (the rest of the table is updated while the next step runs)."""
+        if self.opt is None:
+            raise SlidejaxError("this engine was built for inference (no optimizer)")
         t0 = time.perf_counter()
         ids, labels, pos, seg = self._arrays(batch)
         n_tokens = int(np.sum(labels != IGNORE))
@@ -908,3 +912,42 @@ class SlidingEngine:
         if self.trace is None:
             raise SlidejaxError("the engine was built without trace=True")
         self.trace.save(path)
+
+    # ----- training state (what a checkpoint holds)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The full training state as a tree of numpy arrays: per unit its fp32 master weights
+        and optimizer state, plus the step count. Finishes pending updates first."""
+        self.sync()
+        units = {}
+        for name, unit in self.host.units.items():
+            if name in self.dev_state:
+                opt = jax.tree.map(np.asarray, jax.device_get(self.dev_state[name]["opt"]))
+            else:
+                opt = self.opt_state[name].state_dict() if name in self.opt_state else {}
+            units[name] = {"master": unit.master, "opt": opt}
+        return {"step": np.int64(self.step_count), "units": units}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a `state_dict()` (same model and optimizer); device copies are refreshed."""
+        self.sync()
+        missing = set(self.host.units) - set(state["units"])
+        if missing:
+            raise SlidejaxError(f"checkpoint lacks units {sorted(missing)[:3]}: not this model")
+        for name, unit in self.host.units.items():
+            src = state["units"][name]
+            master = np.asarray(src["master"], np.float32).reshape(-1)
+            if master.shape != unit.master.shape:
+                raise SlidejaxError(f"checkpoint unit {name!r} has {master.size} weights, the model {unit.master.size}")
+            unit.master[...] = master
+            if name in self.dev_state:
+                st = self.dev_state[name]
+                st["master"] = jax.device_put(unit.master, self.dev_sharding)
+                st["opt"] = jax.tree.map(lambda ref, v: jax.device_put(np.asarray(v, ref.dtype), ref.sharding),
+                                         st["opt"], src["opt"])
+                st["weights"] = st["master"].astype(self.dtype)
+            else:
+                if name in self.opt_state:
+                    self.opt_state[name].load_state_dict(src["opt"])
+                self._upload_view(name).reshape(-1)[...] = unit.master.astype(self.np_dtype)
+        self.step_count = int(state["step"])

@@ -100,11 +100,31 @@ class CheckpointReader:
             return f.get_tensor(name)
 
 
-def load_into(host: HostModel, path: str | Path) -> None:
-    """Fill `host`'s master weights from a HF folder (after validating all tensors)."""
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape for a model of this architecture (no allocation)."""
+    from slidejax.model import layer_template
+
+    _, layer = layer_template(cfg)
+    vh = (cfg.vocab_size, cfg.hidden_size)
+    out = {"model.embed_tokens.weight": vh}
+    for i in range(cfg.num_layers):
+        out.update({f"model.layers.{i}.{n}": s for n, (s, _) in layer.items()})
+    out["model.norm.weight"] = (cfg.hidden_size,)
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = vh
+    return out
+
+
+def open_checkpoint(path: str | Path, cfg: ModelConfig) -> CheckpointReader:
+    """Index a HF folder and check every tensor the architecture needs (headers only)."""
     reader = CheckpointReader(path)
-    expected = {hf: host.hf_shape(parts) for hf, parts in host.hf_names()}
-    reader.check(expected)
+    reader.check(expected_shapes(cfg))
+    return reader
+
+
+def load_into(host: HostModel, path: str | Path, reader: CheckpointReader | None = None) -> None:
+    """Fill `host`'s master weights from a HF folder, one tensor at a time."""
+    reader = reader or open_checkpoint(path, host.cfg)
     # A tied checkpoint may also store lm_head.weight; hf_names() skips it: the embedding is kept.
     for hf, parts in host.hf_names():
         host.write_tensor(parts, reader.read(hf).astype(np.float32))
