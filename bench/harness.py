@@ -183,6 +183,15 @@ def _gb(b: float) -> str:
     return f"{b / GB:.1f}" if b else "-"
 
 
+def host_peak(summary: dict[str, Any]) -> int:
+    """The host memory a run needed: the larger of its RSS peak and the system's used-memory rise.
+
+    Page-locked memory that the CUDA driver maps may be missing from RSS (DeepSpeed and FSDP2
+    keep most of their state there), so RSS alone could flatter them.
+    """
+    return max(summary["peak_host_rss_bytes"], summary.get("peak_host_used_bytes", 0))
+
+
 def table_rows(cells: list[Cell]) -> list[list[str]]:
     """The table's rows: one per (system, tokens per step), ratios against slidejax."""
     ref = {c.tokens: c.summary() for c in cells if c.system == REFERENCE}
@@ -196,8 +205,7 @@ def table_rows(cells: list[Cell]) -> list[list[str]]:
         t = s["step_time_s"]
         r = ref.get(cell.tokens)
         tok_ratio = f"{s['tokens_per_s'] / r['tokens_per_s']:.2f}" if r else "-"
-        host_ratio = (f"{s['peak_host_rss_bytes'] / r['peak_host_rss_bytes']:.2f}"
-                      if r and r["peak_host_rss_bytes"] else "-")
+        host_ratio = (f"{host_peak(s) / host_peak(r):.2f}" if r and host_peak(r) else "-")
         runs = f" ({s['runs']} runs)" if s["runs"] > 1 else ""
         fails = f"; {s['failed_runs']} failed: {cell.errors[-1]}" if cell.errors else ""
         rows.append([
@@ -234,7 +242,8 @@ def markdown(rows: list[list[str]], meta: dict[str, Any]) -> str:
         "- TFLOP/s: (6 N + 6 L S heads head_dim) x tokens/s, N = decoder layers + final norm "
         "+ lm_head (bench/common.py); GPU GB: device memory in use (NVML) over the training "
         "steps; host RSS GB: peak RSS of the process tree; host used GB: peak drop of the "
-        "system's available memory; ratios are system / slidejax",
+        "system's available memory; ratios are system / slidejax (host: the larger of RSS and "
+        "used)",
         "",
         "| " + " | ".join(HEADER) + " |",
         "|" + "---|" * len(HEADER),
@@ -277,7 +286,7 @@ def plot(cells: list[Cell], path: Path, title: str) -> None:
         if s:
             labels.append(f"{c.system}\n{_tokens_label(c.tokens)}")
             gpu.append(s["peak_gpu_bytes"] / GB)
-            host.append(max(s["peak_host_rss_bytes"], s["peak_host_used_bytes"]) / GB)
+            host.append(host_peak(s) / GB)
     xs = range(len(labels))
     ax2.bar([i - 0.2 for i in xs], gpu, 0.4, label="peak GPU")
     ax2.bar([i + 0.2 for i in xs], host, 0.4, label="peak host (max of RSS, used)")
