@@ -306,6 +306,8 @@ def _run_runner(script: str, tmp_path: Path, *extra: str) -> dict:
 
 def _check_training(result: dict) -> None:
     assert (result["micro_batch"], result["grad_accum"]) == (2, 2)
+    if torch.cuda.is_available() and "dry run" not in result["notes"]:  # ran on the GPU
+        assert result["peak_gpu_bytes"] > 0 and result["peak_gpu_allocator_bytes"] > 0
     losses = result["losses"]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
     assert all(b < a for a, b in zip(losses, losses[1:])), losses  # same batch: AdamW descends
@@ -313,7 +315,8 @@ def _check_training(result: dict) -> None:
     assert losses[0] == pytest.approx(_reference_first_loss(0, 2, 2, 2, 32), rel=5e-3)
 
 
-def test_fsdp2_baseline_tiny_on_cpu(tmp_path):
+def test_fsdp2_baseline_tiny(tmp_path):
+    """The whole FSDP2 offload path on a tiny model: gloo on the CPU here, NCCL on a GPU."""
     result = _run_runner("bench/baselines/fsdp2_offload.py", tmp_path, "--tiny")
     assert result["system"] == "fsdp2-cpu-offload"
     assert "CPU AdamW" in result["notes"]
@@ -344,8 +347,9 @@ def test_deepspeed_config_is_valid():
 
 
 @pytest.mark.slow
-def test_deepspeed_baseline_tiny_on_cpu(tmp_path):
-    """The whole ZeRO-3 offload path on DeepSpeed's CPU accelerator (builds CPU Adam: minutes)."""
+def test_deepspeed_baseline_tiny(tmp_path):
+    """The whole ZeRO-3 offload path on a tiny model: DeepSpeed's CPU accelerator here, CUDA on a
+    GPU (the first run JIT-builds CPU Adam: a minute or more)."""
     pytest.importorskip("deepspeed")
     result = _run_runner("bench/baselines/deepspeed_zero3.py", tmp_path, "--tiny")
     assert result["notes"].endswith("DeepSpeedCPUAdam")
