@@ -1,9 +1,9 @@
 """The benchmark's one entry point: every system x tokens-per-step, one table, results.md, a plot.
 
-    python bench/harness.py --out runs/bench --systems slidejax,deepspeed,fsdp2 \\
+    python3 bench/harness.py --out runs/bench --systems slidejax,deepspeed,fsdp2 \\
         --layers 16 --tokens 16384,65536 --seq-len 4096 --steps 5 --repeats 2
 
-    python bench/harness.py --out runs/all --merge call1/results.json,call2/results.json
+    python3 bench/harness.py --out runs/all --merge call1/results.json,call2/results.json
 
 Each (system, tokens per step, repeat) runs as a fresh subprocess (memory peaks are per process)
 with a time limit and a host-memory guard; a system that fails, runs out of memory or hangs is
@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None, systems: dict[str, list[str]] | None = N
     meta = {
         "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "machine": machine(),
-        "command": shlex.join(["python", "bench/harness.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": shlex.join(["python3", "bench/harness.py", *(sys.argv[1:] if argv is None else argv)]),
         "layers": args.layers,
         "params": (TINY if args.tiny else LLAMA31_8B).total_params(args.layers),
         "seq_len": args.seq_len, "steps": args.steps,

@@ -205,7 +205,7 @@ def test_harness_end_to_end_with_fake_systems(tmp_path, capsys):
     assert "| 1.00 / 1.00 |" in rows["slidejax", "256"]
     assert "| 0.25 / 4.00 |" in rows["deepspeed", "1024"]  # 4x slower, 4x the host memory
     assert "FAILED" in rows["fsdp2", "256"] and "out of memory" in rows["fsdp2", "256"]
-    assert "command: `python bench/harness.py --out" in md and "machine:" in md
+    assert "command: `python3 bench/harness.py --out" in md and "machine:" in md
     png = (out / "throughput.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     saved = json.loads((out / "results.json").read_text())
@@ -246,7 +246,7 @@ def test_harness_merges_separate_calls(tmp_path):
     assert [c.system for c in cells] == ["slidejax", "deepspeed", "fsdp2"]
     md = (tmp_path / "all" / "results.md").read_text()
     assert "| 0.25 / 4.00 |" in md and "FAILED" in md
-    assert md.count("python bench/harness.py") == 2  # both calls' commands
+    assert md.count("python3 bench/harness.py") == 2  # both calls' commands
     assert (tmp_path / "all" / "throughput.png").stat().st_size > 10_000
     harness.main(["--out", str(tmp_path / "c"), "--systems", "slidejax", *common_args,
                   "--layers", "3"], systems)  # the last --layers wins

@@ -6,7 +6,7 @@ optimizer state (master weights, Adam moments, gradients) in pinned CPU memory, 
 AVX CPU Adam. One process, no ``deepspeed`` launcher. Micro-batches of ``B x seq_len`` tokens with
 gradient accumulation make up ``--tokens-per-step``.
 
-    python bench/baselines/deepspeed_zero3.py --layers 16 --tokens-per-step 16384 --out ds.json
+    python3 bench/baselines/deepspeed_zero3.py --layers 16 --tokens-per-step 16384 --out ds.json
 
 ``--tiny`` runs a tiny model through the same code on the CPU (gloo) where no GPU is visible;
 ``--dry-run`` skips DeepSpeed entirely (one plain torch step), to check the model and data code.

@@ -7,7 +7,7 @@ checkpointing, and torch's AdamW stepping on the CPU parameters (fused CPU kerne
 FSDP2's DTensors, else foreach). A one-process group; gradient accumulation over micro-batches of
 ``B x seq_len`` tokens makes up ``--tokens-per-step``.
 
-    python bench/baselines/fsdp2_offload.py --layers 16 --tokens-per-step 16384 --out fsdp2.json
+    python3 bench/baselines/fsdp2_offload.py --layers 16 --tokens-per-step 16384 --out fsdp2.json
 
 ``--tiny`` runs a tiny model through the same code on the CPU (gloo) where no GPU is visible.
 """
