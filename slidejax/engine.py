@@ -29,6 +29,7 @@ that of the token-weighted mean loss over the whole step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import queue
@@ -205,6 +206,17 @@ def _needs_segment_mask(seg: np.ndarray) -> bool:
     return bool(np.any(seg[body] != 1) or np.any(body[:, 1:] & ~body[:, :-1]))
 
 
+@functools.lru_cache(maxsize=8)
+def stage_fns(cfg: ModelConfig, compute_dtype: Any, loss_impl: str, attention_impl: str | None) -> "_StageFns":
+    """The compiled stage functions of an architecture, shared by every engine built for it."""
+    from slidejax.host_memory import FlatLayout
+    from slidejax.model import layer_template
+
+    _, shapes = layer_template(cfg)
+    layout = FlatLayout.build({n: s for n, (s, _) in shapes.items()}, [n for n, (_, d) in shapes.items() if d])
+    return _StageFns(cfg, layout, compute_dtype, loss_impl, attention_impl)
+
+
 class _StageFns:
     """The jitted per-stage functions. Shapes decide compilation; every layer shares them."""
 
@@ -348,7 +360,7 @@ class SlidingEngine:
         self.all_resident = self.resident_layers == self.L
         self.trace = Trace() if trace else None
         self.worker = HostWorker(self.trace)
-        self.fns = _StageFns(cfg, host.layer_unit(0).layout if self.L else None, self.dtype, loss_impl, attention_impl)
+        self.fns = stage_fns(cfg, self.dtype, loss_impl, attention_impl)
         self.step_count = 0
 
         self.resident: set[str] = {f"layers.{i}" for i in range(self.L - self.resident_layers, self.L)}

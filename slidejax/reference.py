@@ -66,7 +66,7 @@ def train_step(params: dict[str, Any], opt_state: Any, tx: optax.GradientTransfo
                dtype: Any = jnp.float32) -> tuple[dict[str, Any], Any, jax.Array, jax.Array]:
     """One whole-model step: (new params, new opt state, loss, global grad norm before clipping)."""
     loss, grads = jax.value_and_grad(mean_loss)(params, cfg, batch, dtype)
-    norm = optax.global_norm(grads)
+    norm = optax.tree.norm(grads) if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm(grads)
     if max_grad_norm > 0:
         scale = max_grad_norm / jnp.maximum(norm, max_grad_norm)  # optax.clip_by_global_norm
         grads = jax.tree.map(lambda g: g * scale, grads)

@@ -1,0 +1,212 @@
+"""The sliding engine computes the update of a plain whole-model `jax.grad` + optax step.
+
+Every configuration trains a tiny random model for several steps with the engine (fp32 compute,
+host AdamW) and with `slidejax.reference.train_step` (whole model on one device, naive full-logits
+loss, the same optax transformation) on the same batches, and compares all parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from slidejax import reference
+from slidejax.config import ModelConfig
+from slidejax.engine import SlidingEngine
+from slidejax.host_memory import HostModel, vocab_chunks
+from slidejax.host_optimizer import HostAdamW, HostOptax
+from slidejax.model import init_params
+
+B, S = 2, 8
+RTOL = 1e-5
+
+
+def make_cfg(tied: bool, vocab: int, layers: int = 3) -> ModelConfig:
+    return ModelConfig(model_type="llama", vocab_size=vocab, hidden_size=32, intermediate_size=48,
+                       num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=tied)
+
+
+@functools.lru_cache(maxsize=None)
+def adamw() -> HostAdamW:
+    # A small lr keeps Adam's sign-like update of near-zero gradients from amplifying rounding noise.
+    return HostAdamW(learning_rate=optax.linear_schedule(5e-4, 1e-4, 8), weight_decay=0.1, eps=1e-6)
+
+
+@functools.lru_cache(maxsize=None)
+def reference_step(cfg: ModelConfig, clip: float, tx_key: str):
+    tx = tx_for(tx_key)
+    return jax.jit(lambda p, s, b: reference.train_step(p, s, tx, cfg, b, clip))
+
+
+@functools.lru_cache(maxsize=None)
+def tx_for(key: str) -> optax.GradientTransformation:
+    if key == "adamw":
+        return adamw().to_optax(mask=lambda p: jax.tree.map(lambda a: a.ndim > 1, p))
+    return optax.chain(optax.add_decayed_weights(0.01), optax.sgd(0.05, momentum=0.9))
+
+
+def random_batch(rng: np.random.Generator, vocab: int, M: int, packed: bool) -> dict[str, np.ndarray]:
+    ids = rng.integers(0, vocab, (M, B, S)).astype(np.int32)
+    labels = rng.integers(0, vocab, (M, B, S)).astype(np.int32)
+    labels[rng.random((M, B, S)) < 0.3] = -100
+    seg = np.ones((M, B, S), np.int32)
+    pos = np.broadcast_to(np.arange(S, dtype=np.int32), (M, B, S)).copy()
+    if packed:  # two documents per row, and a padded tail in the first row
+        cut = int(rng.integers(2, S - 2))
+        seg[..., cut:] = 2
+        pos[..., cut:] -= cut
+        seg[:, 0, S - 1] = 0
+        pos[:, 0, S - 1] = 0
+        labels[:, 0, S - 1] = -100
+    return {"input_ids": ids, "labels": labels, "segment_ids": seg, "positions": pos}
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def run_case(*, tied=False, vocab=97, M=2, prefetch=2, resident=0, clip=0.0, steps=3, packed=True,
+             split=None, opt="adamw", layers=3, seed=0):
+    cfg = make_cfg(tied, vocab, layers)
+    rng = np.random.default_rng(seed)
+    host = HostModel(cfg)
+    host.load_tree(init_params(cfg, seed=int(rng.integers(1 << 30))))
+    ref_params = jax.tree.map(jnp.asarray, host.tree())
+    tx = tx_for(opt)
+    ref_state = tx.init(ref_params)
+    optimizer = adamw() if opt == "adamw" else HostOptax(tx)
+    engine = SlidingEngine(host, optimizer, compute_dtype="float32", prefetch=prefetch,
+                           resident_layers=resident, max_grad_norm=clip)
+    step_ref = reference_step(cfg, clip, opt)
+    batches = [random_batch(rng, vocab, M, packed) for _ in range(steps)]
+    for t, batch in enumerate(batches):
+        engine_batch = batch
+        if split is not None:  # the same tokens, cut into `split` micro-batches
+            engine_batch = {k: v.reshape(split, -1, S) for k, v in batch.items()}
+        nxt = batches[t + 1]["input_ids"] if t + 1 < len(batches) else None
+        metrics = engine.step(engine_batch, next_input_ids=nxt)
+        ref_params, ref_state, loss, norm = step_ref(ref_params, ref_state, {k: jnp.asarray(v) for k, v in batch.items()})
+        assert metrics.loss == pytest.approx(float(loss), rel=1e-5)
+        assert metrics.grad_norm == pytest.approx(float(norm), rel=1e-4)
+    engine.sync()
+    got = host.tree()
+    errors = {}
+    for key in ("embed", "norm", "lm_head"):
+        if key in got:
+            errors[key] = rel_err(got[key], ref_params[key])
+    for i, (a, b) in enumerate(zip(got["layers"], ref_params["layers"])):
+        for n in a:
+            errors[f"layers.{i}.{n}"] = rel_err(a[n], b[n])
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < RTOL, f"{worst}: relative error {errors[worst]:.2e}"
+    return engine
+
+
+@pytest.mark.parametrize("prefetch", [1, 2, 3])
+def test_window_sizes(prefetch):
+    run_case(prefetch=prefetch, M=2)
+
+
+@pytest.mark.parametrize("split", [1, 2, 4])
+def test_micro_batch_splits_give_the_same_update(split):
+    run_case(M=4, split=split, packed=True, clip=1e-3)
+
+
+def test_clipping_exact_and_active():
+    engine = run_case(clip=1e-3, M=3)
+    assert engine.step_count == 3
+
+
+def test_tied_embeddings_several_vocab_blocks():
+    cfg = make_cfg(True, 600)
+    assert len(vocab_chunks(cfg)) > 1
+    run_case(tied=True, vocab=600, M=2, clip=0.5)
+
+
+def test_untied_several_vocab_blocks_and_single_micro_batch():
+    run_case(vocab=600, M=1)
+
+
+def test_resident_layers_mixed_with_streamed():
+    run_case(resident=2, M=2, clip=1e-3)
+
+
+def test_all_resident_reference_mode():
+    run_case(resident=3, M=2, tied=True, vocab=600)
+
+
+def test_generic_optax_path():
+    run_case(opt="sgd", M=2, packed=False)
+
+
+def test_logits_match_reference():
+    cfg = make_cfg(False, 600)
+    host = HostModel(cfg)
+    host.load_tree(init_params(cfg, seed=3))
+    engine = SlidingEngine(host, None, compute_dtype="float32")
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, cfg.vocab_size, (2, S))
+    pos = np.broadcast_to(np.arange(S), ids.shape)
+    want = reference.logits(jax.tree.map(jnp.asarray, host.tree()), cfg, jnp.asarray(ids), jnp.asarray(pos))
+    assert rel_err(engine.logits(ids), want) < 1e-6
+
+
+def test_eval_loss_matches_reference():
+    cfg = make_cfg(False, 97)
+    host = HostModel(cfg)
+    host.load_tree(init_params(cfg, seed=4))
+    engine = SlidingEngine(host, None, compute_dtype="float32")
+    batch = random_batch(np.random.default_rng(5), cfg.vocab_size, 3, packed=True)
+    total, n = engine.eval_loss(batch)
+    want = reference.mean_loss(jax.tree.map(jnp.asarray, host.tree()), cfg, {k: jnp.asarray(v) for k, v in batch.items()})
+    assert n == int(np.sum(batch["labels"] != -100))
+    assert total / n == pytest.approx(float(want), rel=1e-5)
+
+
+def test_state_dict_roundtrip_resumes_exactly():
+    cfg = make_cfg(False, 97)
+    rng = np.random.default_rng(6)
+    params = init_params(cfg, seed=7)
+    batches = [random_batch(rng, cfg.vocab_size, 2, packed=True) for _ in range(4)]
+
+    def engine():
+        host = HostModel(cfg)
+        host.load_tree(params)
+        return host, SlidingEngine(host, adamw(), compute_dtype="float32", max_grad_norm=0.5)
+
+    host_a, a = engine()
+    for b in batches:
+        a.step(b)
+    a.sync()
+
+    host_b, b_ = engine()
+    for b in batches[:2]:
+        b_.step(b)
+    state = jax.tree.map(np.copy, b_.state_dict())
+    host_c, c = engine()
+    c.load_state_dict(state)
+    for b in batches[2:]:
+        c.step(b)
+    c.sync()
+    for name, unit in host_a.units.items():
+        np.testing.assert_array_equal(unit.master, host_c.units[name].master, err_msg=name)
+
+
+def test_bad_batches_are_refused():
+    from slidejax.errors import SlidejaxError
+
+    cfg = make_cfg(False, 97)
+    host = HostModel(cfg)
+    host.load_tree(init_params(cfg))
+    engine = SlidingEngine(host, adamw(), compute_dtype="float32")
+    batch = random_batch(np.random.default_rng(0), 97, 1, packed=False)
+    with pytest.raises(SlidejaxError, match="out of range"):
+        engine.step({**batch, "input_ids": batch["input_ids"] + 97})
+    with pytest.raises(SlidejaxError, match="no supervised tokens"):
+        engine.step({**batch, "labels": np.full_like(batch["labels"], -100)})
