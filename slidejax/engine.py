@@ -321,6 +321,27 @@ class _StageFns:
 
 # --------------------------------------------------------------------------- the engine
 
+def parse_bytes(value: int | str | None) -> int | None:
+    """'24GB' / '512MiB' / 123 -> bytes; None, 0 or 'unlimited' -> None."""
+    if value is None or value == 0 or (isinstance(value, str) and value.strip().lower() in ("", "unlimited", "none")):
+        return None
+    if isinstance(value, (int, float)):
+        return int(value)
+    text = value.strip().upper().replace(" ", "")
+    units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "TB": 10**12, "GB": 10**9,
+             "MB": 10**6, "KB": 10**3, "B": 1}
+    for unit, mult in units.items():
+        if text.endswith(unit):
+            try:
+                return int(float(text[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(text)
+    except ValueError:
+        raise SlidejaxError(f"cannot read memory size {value!r} (use e.g. 24GB or 512MiB)") from None
+
+
 class SlidingEngine:
     """Trains a `HostModel` with a host optimizer, streaming layers through one device.
 
@@ -338,12 +359,16 @@ class SlidingEngine:
       max_grad_norm: clip the global gradient norm to this (0 = off), exactly.
       loss_impl: fused linear cross-entropy implementation ("auto", "triton", "jax").
       trace: record a Chrome/Perfetto timeline (see `save_trace`).
+      gpu_memory: a device memory budget ("24GB", bytes, or None/"unlimited"). Checked against
+        the plan (`plan_memory`) before the first step; an infeasible budget raises a
+        SlidejaxError naming what does not fit.
     """
 
     def __init__(self, host: HostModel, optimizer: Any, *, compute_dtype: Any = "bfloat16",
                  prefetch: int = 2, resident_layers: int = 0, max_grad_norm: float = 0.0,
                  device: jax.Device | None = None, loss_impl: str = "auto",
-                 attention_impl: str | None = None, trace: bool = False):
+                 attention_impl: str | None = None, trace: bool = False,
+                 gpu_memory: int | str | None = None):
         if prefetch < 1:
             raise SlidejaxError(f"prefetch must be >= 1, got {prefetch}")
         cfg = host.cfg
@@ -362,6 +387,8 @@ class SlidingEngine:
         self.worker = HostWorker(self.trace)
         self.fns = stage_fns(cfg, self.dtype, loss_impl, attention_impl)
         self.step_count = 0
+        self.gpu_memory = parse_bytes(gpu_memory)
+        self._planned: set[tuple] = set()
 
         self.resident: set[str] = {f"layers.{i}" for i in range(self.L - self.resident_layers, self.L)}
         if self.all_resident:
@@ -395,6 +422,64 @@ class SlidingEngine:
         self._staging_guard: Any = None  # the last computation that read the staging buffers
         self._pending_embed: tuple | None = None
         self._embed_job: tuple | None = None
+
+    # ----- device memory plan
+
+    def plan_memory(self, micro_batch: tuple[int, int], segments: bool = False) -> dict[str, int]:
+        """Estimated peak device bytes for micro-batches of `micro_batch` = (rows, seq_len).
+
+        Independent of the number of layers and of the tokens per step: the window, one unit's
+        fp32 gradient, the compiled backward's working set (from XLA's memory analysis), the
+        head's, and a few boundary activations.
+        """
+        cfg, fns = self.cfg, self.fns
+        b, s = micro_batch
+        H, cd = cfg.hidden_size, self.dtype.itemsize
+        chunk_params = max((u.master.size for u in self.host.head_units), default=0)
+        unit_params = max(cfg.layer_params, chunk_params)
+        streamed = [n for n in self.host.units if n not in self.resident]
+        window = (self.prefetch + 1) * unit_params * cd if streamed else 0
+        resident = 0
+        for name in self.resident:
+            n = self.host.units[name].master.size
+            leaves = jax.tree.leaves(self.dev_state[name]["opt"]) if name in self.dev_state else []
+            resident += n * (4 + cd) + sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves)
+        grads = unit_params * (4 + 4 + cd)  # fp32 accumulator, its update, the download copy
+
+        def working(fn, *args) -> int:
+            m = fn.lower(*args).compile().memory_analysis()
+            return int(getattr(m, "temp_size_in_bytes", 0)) if m is not None else 0
+
+        sd = jax.ShapeDtypeStruct
+        x = sd((b, s, H), self.dtype)
+        pos = sd((b, s), jnp.int32)
+        seg = sd((b, s), jnp.int32) if segments else None
+        w = sd((cfg.layer_params,), self.dtype)
+        acc = sd((cfg.layer_params,), jnp.float32)
+        layer = working(fns.bwd, w, x, pos, seg, x, acc)
+        wc = sd((chunk_params,), self.dtype)
+        labels = sd((b * s,), jnp.int32)
+        stats = (sd((b * s,), jnp.float32),) * 3
+        head = working(fns.grads, x, wc, labels, sd((), jnp.int32), stats[0], sd((b, s, H), jnp.float32),
+                       sd((chunk_params,), jnp.float32))
+        boundary = 6 * b * s * H * cd + 2 * b * s * H * 4
+        plan = {"window": window, "resident": resident, "gradients": grads, "layer_backward": layer,
+                "head": head, "boundaries": boundary}
+        plan["total"] = window + resident + grads + max(layer, head) + boundary
+        return plan
+
+    def _check_budget(self, shape: tuple[int, ...], segments: bool) -> None:
+        key = (shape[1], shape[2], segments)
+        if self.gpu_memory is None or key in self._planned:
+            return
+        plan = self.plan_memory((shape[1], shape[2]), segments)
+        if plan["total"] > self.gpu_memory:
+            parts = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in plan.items() if k != "total")
+            raise SlidejaxError(
+                f"GPU memory budget {self.gpu_memory / 1e9:.2f} GB is too small for micro-batches of "
+                f"{shape[1]}x{shape[2]} tokens: needs about {plan['total'] / 1e9:.2f} GB ({parts} GB); "
+                f"lower the micro-batch size or resident layers")
+        self._planned.add(key)
 
     # ----- placement helpers
 
@@ -462,6 +547,7 @@ class SlidingEngine:
         n_tokens = int(np.sum(labels != IGNORE))
         if n_tokens == 0:
             raise SlidejaxError("a training step has no supervised tokens (all labels are -100)")
+        self._check_budget(ids.shape, seg is not None and any(_needs_segment_mask(x) for x in seg))
         self._flush_embed_update(ids)
         self.worker.check()
         self._sq_norms: dict[str, Any] = {}

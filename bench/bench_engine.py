@@ -1,0 +1,138 @@
+"""slidejax's runner for the benchmark harness: the sliding engine on Llama-3.1-8B layer shapes.
+
+    python3 bench/bench_engine.py --layers 16 --tokens-per-step 16384 --gpu-memory 24GB --out r.json
+    python3 bench/bench_engine.py --layers 16 --tokens-per-step 16384 --resident --out peak.json
+
+`--resident` keeps every unit (weights, AdamW state, activations) on the GPU with the same
+compiled layer, head and loss functions and an on-device optax AdamW: the 'peak' the streamed
+engine is measured against. Same optimizer settings as the baselines (AdamW lr 1e-5, betas
+0.9/0.95, eps 1e-8, weight decay 0.1, clipping at 1.0 unless --clip 0). `--trace FILE` writes a
+Chrome/Perfetto timeline of the last timed step.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import common  # noqa: E402
+
+
+def parse_args():
+    p = common.runner_parser(__doc__.splitlines()[0])
+    p.add_argument("--gpu-memory", default="unlimited", help="device memory budget, e.g. 24GB, or unlimited")
+    p.add_argument("--resident", action="store_true", help="all state on the GPU (the peak reference)")
+    p.add_argument("--prefetch", type=int, default=2, help="layers uploaded ahead")
+    p.add_argument("--resident-layers", type=int, default=0, help="decoder layers kept on the GPU")
+    p.add_argument("--micro-batch-tokens", type=int, default=16384, help="tokens per micro-batch (at most)")
+    p.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--moments", default="float32", choices=["float32", "bfloat16"], help="AdamW moment dtype")
+    p.add_argument("--trace", type=Path, default=None, help="write a Chrome trace JSON of the last step")
+    p.add_argument("--hidden", type=int, default=None, help="override the hidden width (memory tests)")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    common.check_runner_args(args)
+    budget = None if args.gpu_memory in ("unlimited", "none", "0") else args.gpu_memory
+    if budget and not args.tiny:
+        # Cap XLA's allocator before the backend starts, so the budget is enforced, not just planned.
+        from slidejax.engine import parse_bytes
+        total = 141e9
+        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{min(0.95, parse_bytes(budget) / total):.4f}"
+    import jax
+    import ml_dtypes
+    import numpy as np
+
+    from slidejax.config import ModelConfig
+    from slidejax.engine import SlidingEngine
+    from slidejax.host_memory import HostModel
+    from slidejax.host_optimizer import HostAdamW
+
+    shape = common.model_shape(args)
+    hidden = args.hidden or shape.hidden
+    cfg = ModelConfig(model_type="llama", vocab_size=shape.vocab, hidden_size=hidden,
+                      intermediate_size=shape.intermediate * hidden // shape.hidden,
+                      num_layers=args.layers, num_heads=shape.heads * hidden // shape.hidden,
+                      num_kv_heads=shape.kv_heads, head_dim=shape.head_dim, rms_norm_eps=shape.norm_eps,
+                      rope_theta=shape.rope_theta, max_position_embeddings=131072)
+    with common.PeakSampler() as sampler:
+        t0 = time.perf_counter()
+        host = HostModel(cfg)
+        rng = np.random.default_rng(args.seed)
+        # Random weights, cheaply: one layer drawn, the others copies (speed does not depend on
+        # the values); the vocabulary blocks drawn block by block.
+        first = host.layer_unit(0)
+        first.master[:] = 0.02 * rng.standard_normal(first.master.size, dtype=np.float32)
+        for i in range(1, cfg.num_layers):
+            host.layer_unit(i).master[:] = first.master
+        for u in host.embed_units + host.head_units:
+            u.master[:] = 0.02 * rng.standard_normal(u.master.size, dtype=np.float32)
+        host.units["norm"].master[:] = 1.0
+        moments = ml_dtypes.bfloat16 if args.moments == "bfloat16" else np.float32
+        opt = HostAdamW(1e-5, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, moment_dtype=moments)
+        engine = SlidingEngine(host, opt, compute_dtype="bfloat16", prefetch=args.prefetch,
+                               resident_layers=args.layers if args.resident else args.resident_layers,
+                               max_grad_norm=args.clip, gpu_memory=budget, trace=args.trace is not None)
+        setup_s = time.perf_counter() - t0
+
+        rows, micro = common.micro_batching(args.tokens_per_step, args.seq_len, args.micro_batch_tokens)
+        seq = args.seq_len
+
+        def batch():
+            ids = rng.integers(0, cfg.vocab_size, (micro, rows, seq + 1), dtype=np.int32)
+            return {"input_ids": ids[..., :-1], "labels": ids[..., 1:],
+                    "segment_ids": np.ones((micro, rows, seq), np.int32)}
+
+        batches = [batch() for _ in range(3)]
+        losses = []
+        state = {"i": 0}
+
+        def step():
+            b = batches[state["i"] % 3]
+            nxt = batches[(state["i"] + 1) % 3]["input_ids"]
+            m = engine.step(b, next_input_ids=nxt)
+            losses.append(m.loss)
+            state["i"] += 1
+
+        def sync():
+            engine.worker.join()
+            jax.block_until_ready([st["master"] for st in engine.dev_state.values()])
+
+        for _ in range(args.warmup):
+            step()
+        sync()
+        sampler.reset_gpu()
+        times = []
+        for k in range(args.steps):
+            if engine.trace is not None and k == args.steps - 1:
+                engine.trace.events.clear()
+            t = time.perf_counter()
+            step()
+            # A step ends when the next could start: every update it started has finished.
+            sync()
+            times.append(time.perf_counter() - t)
+        engine.sync()
+        peaks = sampler.peaks()
+    stats = jax.devices()[0].memory_stats() or {}
+    peaks["peak_gpu_allocator_bytes"] = int(stats.get("peak_bytes_in_use", 0))
+    if args.trace is not None:
+        engine.save_trace(args.trace)
+    name = "slidejax-resident" if args.resident else f"slidejax-{args.gpu_memory}"
+    notes = (f"micro-batches {micro}x{rows}x{seq}, prefetch {args.prefetch}, clip {args.clip}, "
+             f"moments {args.moments}, resident layers {engine.resident_layers}")
+    plan = engine.plan_memory((rows, seq)) if not args.tiny else {}
+    result = common.make_result(system=name, shape=shape, layers=args.layers, seq_len=seq,
+                                tokens_per_step=args.tokens_per_step, step_times=times, peaks=peaks,
+                                notes=notes, losses=losses, setup_s=setup_s, planned_gpu_bytes=plan.get("total", 0),
+                                hidden=hidden)
+    common.write_result(args.out, result)
+    common.print_result(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""GPU behaviour of the engine: bounded device memory, the memory budget, bf16 training.
+
+Each memory measurement runs `bench/bench_engine.py` in a fresh process, so the allocator's peak
+belongs to that run alone.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_engine(tmp_path: Path, layers: int, tokens: int, *extra: str) -> dict:
+    out = tmp_path / f"r{layers}_{tokens}_{len(extra)}.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_engine.py"), "--layers", str(layers),
+           "--hidden", "1024", "--seq-len", "2048", "--tokens-per-step", str(tokens),
+           "--micro-batch-tokens", "4096", "--steps", "1", "--warmup", "1", "--out", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_peak_memory_independent_of_depth_and_tokens(tmp_path):
+    shallow = run_engine(tmp_path, 8, 4096)["peak_gpu_allocator_bytes"]
+    deep = run_engine(tmp_path, 32, 4096)["peak_gpu_allocator_bytes"]
+    many_tokens = run_engine(tmp_path, 8, 16384)["peak_gpu_allocator_bytes"]
+    print(f"peak GPU bytes: 8 layers {shallow}, 32 layers {deep}, 4x tokens {many_tokens}")
+    assert abs(deep - shallow) / shallow < 0.10
+    assert many_tokens <= shallow * 1.10
+
+
+def test_budget_is_honoured_and_infeasible_budget_refused(tmp_path):
+    result = run_engine(tmp_path, 8, 8192, "--gpu-memory", "3GB")
+    assert 0 < result["peak_gpu_allocator_bytes"] <= 3e9
+    out = tmp_path / "refused.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_engine.py"), "--layers", "4", "--hidden", "1024",
+           "--seq-len", "2048", "--tokens-per-step", "4096", "--steps", "1", "--warmup", "0",
+           "--gpu-memory", "200MB", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "GPU memory budget" in proc.stderr and "too small" in proc.stderr
+
+
+def test_bf16_training_tracks_the_fp32_reference():
+    from slidejax import reference
+    from slidejax.config import ModelConfig
+    from slidejax.engine import SlidingEngine
+    from slidejax.host_memory import HostModel
+    from slidejax.host_optimizer import HostAdamW
+    from slidejax.model import init_params
+
+    cfg = ModelConfig(model_type="llama", vocab_size=5000, hidden_size=256, intermediate_size=512,
+                      num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64)
+    host = HostModel(cfg)
+    host.load_tree(init_params(cfg, seed=int(np.random.default_rng().integers(1 << 30))))
+    params = jax.tree.map(jnp.asarray, host.tree())
+    opt = HostAdamW(1e-3, weight_decay=0.01)
+    engine = SlidingEngine(host, opt, compute_dtype="bfloat16", max_grad_norm=1.0)
+    rng = np.random.default_rng()
+    ids = rng.integers(0, cfg.vocab_size, (2, 4, 257)).astype(np.int32)
+    batch = {"input_ids": ids[..., :-1], "labels": ids[..., 1:]}
+    want = float(reference.mean_loss(params, cfg, {k: jnp.asarray(v) for k, v in batch.items()}))
+    losses = [engine.step(batch).loss for _ in range(5)]
+    assert all(np.isfinite(losses))
+    assert losses[0] == pytest.approx(want, rel=2e-2)
+    assert losses[-1] < losses[0]  # the same batch five times: it must be learnt
+    engine.sync()
+    assert all(np.isfinite(u.master).all() for u in host.units.values())
