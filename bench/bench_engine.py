@@ -38,6 +38,7 @@ def parse_args():
 def main() -> None:
     args = parse_args()
     common.check_runner_args(args)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # NVML then shows real use
     budget = None if args.gpu_memory in ("unlimited", "none", "0") else args.gpu_memory
     if budget and not args.tiny:
         # Cap XLA's allocator before the backend starts, so the budget is enforced, not just planned.

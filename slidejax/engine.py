@@ -626,18 +626,17 @@ class SlidingEngine:
             table = buf.host if isinstance(buf, PinnedBuffer) else buf
             tables.append((u.rows[0], table.reshape(u.rows[1] - u.rows[0], -1)))
         shape = ids.shape[1:] + (self.cfg.hidden_size,)
-        n = int(np.prod(shape))
         # Every upload from the staging buffers fed layer 0; once that is done they are free.
         jax.block_until_ready(self._staging_guard)
-        if self._staging and len(self._staging[0]) != n:
+        if self._staging and self._staging[0].array.shape != shape:
             self._staging = []
         while len(self._staging) < M:
-            self._staging.append(PinnedBuffer(n, self.np_dtype, self.device))
+            self._staging.append(PinnedBuffer(shape, self.np_dtype, self.device))
         for mb in range(M):
             stage = self._staging[mb]
             gather_rows(tables, ids[mb], stage.host)
             # The staged rows are also layer 0's checkpoint: no download needed.
-            acts.host[mb] = stage.array.reshape(shape)
+            acts.host[mb] = stage.array
         return acts
 
     def _forward(self, ids: np.ndarray, dev: list[dict[str, Any]], train: bool) -> tuple[_Acts, list[_Acts]]:

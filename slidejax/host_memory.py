@@ -103,10 +103,13 @@ class PinnedBuffer:
     writes between the upload that read the old values completing and the next upload.
     """
 
-    def __init__(self, n: int, dtype: Any, device: jax.Device):
+    def __init__(self, shape: int | tuple[int, ...], dtype: Any, device: jax.Device):
         dtype = numpy_dtype(dtype)
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        n = int(np.prod(shape))
         self.sharding = memory_sharding(device, host_memory_kind(device))
-        self.array = jax.jit(lambda: jnp.zeros((n,), dtype), out_shardings=self.sharding)()
+        # Shaped at allocation: a jax op (even a reshape) cannot run on pinned host memory.
+        self.array = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.sharding)()
         self.array.block_until_ready()
         ptr = self.array.unsafe_buffer_pointer()
         raw = (ctypes.c_uint8 * (n * dtype.itemsize)).from_address(ptr)
@@ -114,7 +117,7 @@ class PinnedBuffer:
         self.host.flags.writeable  # view over memory jax owns; kept alive through self.array
 
     def __len__(self) -> int:
-        return self.host.shape[0]
+        return self.host.shape[0]  # elements (host is the flat view)
 
 
 def iter_chunks(n: int, chunk: int) -> Iterator[tuple[int, int]]:
