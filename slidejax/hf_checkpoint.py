@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -69,6 +70,10 @@ class CheckpointReader:
             except (json.JSONDecodeError, KeyError):
                 raise SlidejaxError(f"{index_file}: invalid index (no weight_map)") from None
             files = sorted(set(weight_map.values()))
+        elif (self.path / "model.safetensors").exists():
+            # as transformers does: other *.safetensors files (adapters, consolidated.safetensors)
+            # are not this model's weights
+            files = ["model.safetensors"]
         else:
             files = sorted(p.name for p in self.path.glob("*.safetensors"))
             if not files:
@@ -131,13 +136,24 @@ def load_into(host: HostModel, path: str | Path, reader: CheckpointReader | None
 
 
 def _parse_size(size: int | str) -> int:
+    """Bytes from an int or a size string as transformers takes it ("5GB", "500MiB", "20KB")."""
     if isinstance(size, int):
         return size
     s = size.strip().upper()
-    for suffix, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+    for suffix, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10),
+                         ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1), ("", 1)):
         if s.endswith(suffix):
-            return int(float(s[: -len(suffix)]) * mult)
-    return int(s)
+            try:
+                n = int(float(s[: len(s) - len(suffix)]) * mult)
+            except ValueError:
+                break
+            if n > 0:
+                return n
+            break
+    raise SlidejaxError(f"max_shard_size {size!r} is not a positive size (e.g. 5GB, 500MiB)")
+
+
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
 
 
 def save_pretrained(host: HostModel, path: str | Path, *, dtype: str = "bfloat16",
@@ -181,6 +197,11 @@ def save_pretrained(host: HostModel, path: str | Path, *, dtype: str = "bfloat16
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     else:
         (path / "model.safetensors.index.json").unlink(missing_ok=True)
+    # Weight files of an earlier export to this folder would be read in place of (transformers
+    # prefers a lone model.safetensors to the index) or next to (a glob) the new ones.
+    for stale in path.glob("model*.safetensors"):
+        if _WEIGHT_FILE.fullmatch(stale.name) and stale.name not in weight_map.values():
+            stale.unlink()
 
     config = host.cfg.to_hf_dict()
     config["torch_dtype"] = dtype
