@@ -118,10 +118,37 @@ class ModelConfig:
                 raise SlidejaxError(f"{source}: missing field {key!r} (model_type {model_type})")
             return d[key]
 
-        hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
-        head_dim = d.get("head_dim") or hidden // heads
+        def number(key: str, value: Any, kind: type = float) -> Any:
+            """`value` as a positive int / float, else a one-line error naming `key`."""
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+            if ok and kind is int:
+                ok = float(value).is_integer()
+            if not ok:
+                what = "a positive integer" if kind is int else "a positive number"
+                raise SlidejaxError(f"{source}: field {key!r} must be {what}, got {value!r}")
+            return kind(value)
+
+        def size(key: str, default: Any = None) -> int:
+            return number(key, need(key) if default is None else (d.get(key) or default), int)
+
+        hidden, heads = size("hidden_size"), size("num_attention_heads")
+        kv_heads = size("num_key_value_heads", heads)
+        if d.get("head_dim"):
+            head_dim = size("head_dim")
+        elif hidden % heads:
+            raise SlidejaxError(f"{source}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
+                                " (and there is no head_dim)")
+        else:
+            head_dim = hidden // heads
+        if heads % kv_heads:
+            raise SlidejaxError(f"{source}: num_attention_heads {heads} is not a multiple of "
+                                f"num_key_value_heads {kv_heads}")
+        if head_dim % 2:
+            raise SlidejaxError(f"{source}: head_dim {head_dim} is odd; RoPE needs an even head_dim")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        rope_theta = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+        if not isinstance(rope, dict):
+            raise SlidejaxError(f"{source}: field 'rope_parameters' / 'rope_scaling' must be an object")
+        rope_theta = number("rope_theta", rope.get("rope_theta", d.get("rope_theta", 10000.0)))
         rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise SlidejaxError(
@@ -134,7 +161,7 @@ class ModelConfig:
         for key in rope_keys.get(rope_type, ()):
             if key not in rope:
                 raise SlidejaxError(f"{source}: rope type {rope_type!r} needs field {key!r}")
-            rope_params.append((key, float(rope[key])))
+            rope_params.append((key, number(key, rope[key])))
 
         layer_types = d.get("layer_types") or []
         window = None
@@ -146,21 +173,23 @@ class ModelConfig:
                     f"{source}: use_sliding_window with full-attention layers mixed in is not supported"
                 )
             window = d.get("sliding_window")
+        if window:
+            window = number("sliding_window", window, int)
         bias = bool(d.get("attention_bias", False))
         return cls(
             model_type=model_type,
-            vocab_size=int(need("vocab_size")),
+            vocab_size=size("vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
-            num_layers=int(need("num_hidden_layers")),
+            intermediate_size=size("intermediate_size"),
+            num_layers=size("num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=int(d.get("num_key_value_heads") or heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=number("rms_norm_eps", d.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_type=rope_type,
             rope_params=tuple(sorted(rope_params)),
-            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            max_position_embeddings=size("max_position_embeddings", 4096),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             qkv_bias=True if model_type == "qwen2" else bias,
             o_bias=False if model_type == "qwen2" else bias,

@@ -47,10 +47,20 @@ def read_safetensors_header(file: Path) -> dict[str, dict[str, Any]]:
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise SlidejaxError(f"{file}: not a safetensors file (unreadable header)") from None
+            header = None
+    if not isinstance(header, dict):
+        raise SlidejaxError(f"{file}: not a safetensors file (unreadable header)")
     header.pop("__metadata__", None)
     for name, info in header.items():
-        end = info["data_offsets"][1]
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            count = int(np.prod([int(x) for x in info["shape"]], dtype=np.int64))
+            itemsize = np.dtype(_ST_DTYPES[info["dtype"]]).itemsize if info["dtype"] in _ST_DTYPES else None
+        except (KeyError, TypeError, ValueError):
+            raise SlidejaxError(f"{file}: not a safetensors file (bad header entry for tensor {name!r})") from None
+        if itemsize is not None and end - begin != count * itemsize:
+            raise SlidejaxError(f"{file}: tensor {name!r} holds {end - begin} bytes, its shape and dtype need "
+                                f"{count * itemsize}")
         if 8 + n + end > size:
             raise SlidejaxError(f"{file}: truncated safetensors file (tensor {name!r} is cut off)")
     return header
@@ -67,9 +77,9 @@ class CheckpointReader:
         if index_file.exists():
             try:
                 weight_map = json.loads(index_file.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError):
+                files = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 raise SlidejaxError(f"{index_file}: invalid index (no weight_map)") from None
-            files = sorted(set(weight_map.values()))
         elif (self.path / "model.safetensors").exists():
             # as transformers does: other *.safetensors files (adapters, consolidated.safetensors)
             # are not this model's weights

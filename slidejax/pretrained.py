@@ -24,6 +24,11 @@ from slidejax.model import init_params
 _DTYPES = ("bfloat16", "float32")
 
 
+def _check_dtype(dtype: str) -> None:
+    if dtype not in _DTYPES:
+        raise SlidejaxError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+
+
 class Model:
     """A Llama-family model whose fp32 master weights live in host memory.
 
@@ -36,8 +41,7 @@ class Model:
 
     def __init__(self, config: ModelConfig, host: HostModel, dtype: str = "bfloat16",
                  source: Path | None = None):
-        if dtype not in _DTYPES:
-            raise SlidejaxError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+        _check_dtype(dtype)
         self.config, self.host, self.dtype, self.source = config, host, dtype, source
         self._engine = None  # the engine whose device copies track `host` (a trainer's, or ours)
 
@@ -98,6 +102,7 @@ def load_pretrained(path: str | Path, dtype: str = "bfloat16") -> Model:
     """
     from slidejax.presets import PRESETS, preset_path
 
+    _check_dtype(dtype)  # before the weights are read, not after
     if isinstance(path, str) and path in PRESETS and not Path(path).exists():
         return from_config(preset_path(path), dtype=dtype)
     path = Path(path)
@@ -114,6 +119,7 @@ def load_pretrained(path: str | Path, dtype: str = "bfloat16") -> Model:
 
 def from_config(config: ModelConfig | str | Path, dtype: str = "bfloat16", seed: int = 0) -> Model:
     """A randomly initialised model (transformers' init) from a config or a folder with config.json."""
+    _check_dtype(dtype)
     source = None
     if not isinstance(config, ModelConfig):
         source = Path(config)
