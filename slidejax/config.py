@@ -163,16 +163,26 @@ class ModelConfig:
                 raise SlidejaxError(f"{source}: rope type {rope_type!r} needs field {key!r}")
             rope_params.append((key, number(key, rope[key])))
 
-        layer_types = d.get("layer_types") or []
+        # The MLP is SwiGLU with SiLU; another activation would load silently and compute wrongly.
+        act = d.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise SlidejaxError(f"{source}: hidden_act {act!r} is not supported; slidejax supports silu")
+
         window = None
         if model_type == "mistral":
             window = d.get("sliding_window")
         elif d.get("use_sliding_window"):
-            if any(t != "sliding_attention" for t in layer_types) or not layer_types:
+            # transformers 4 configs have no layer_types: layers from max_window_layers on slide
+            layer_types = d.get("layer_types") or [
+                "sliding_attention" if i >= d.get("max_window_layers", 28) else "full_attention"
+                for i in range(size("num_hidden_layers"))]
+            kinds = set(layer_types)
+            if kinds == {"sliding_attention"}:
+                window = d.get("sliding_window")
+            elif kinds != {"full_attention"}:
                 raise SlidejaxError(
                     f"{source}: use_sliding_window with full-attention layers mixed in is not supported"
                 )
-            window = d.get("sliding_window")
         if window:
             window = number("sliding_window", window, int)
         bias = bool(d.get("attention_bias", False))
@@ -232,7 +242,8 @@ class ModelConfig:
             max_position_embeddings=self.max_position_embeddings,
             tie_word_embeddings=self.tie_word_embeddings,
         )
-        d.setdefault("architectures", [_ARCHITECTURES[self.model_type]])
+        if not d.get("architectures"):
+            d["architectures"] = [_ARCHITECTURES[self.model_type]]
         if "rope_parameters" not in d and "rope_theta" not in d:
             d["rope_theta"] = self.rope_theta
         return d

@@ -321,3 +321,9 @@ def test_out_of_range_token_ids(monkeypatch):
     for bad in ([[1, v]], [[-1, 2]]):
         with pytest.raises(SlidejaxError, match=rf"token id out of range \[0, {v}\)"):
             model.logits(np.array(bad))
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_unsupported_activation(tmp_path, act):
+    folder = write_folder(tmp_path / "m", dict(SMALL, hidden_act=act))
+    one_line_error(folder, str(folder / "config.json"), f"hidden_act {act!r} is not supported")

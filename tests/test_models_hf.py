@@ -311,16 +311,53 @@ def test_bf16_export_loads_in_transformers(case, tmp_path):
 # --------------------------------------------------------------------------- features that must matter
 
 
-def test_llama3_rope_scaling_matches_transformers():
-    """inv_freq of the llama3 rule equals transformers' and really differs from the unscaled one."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+@pytest.mark.parametrize("rope", [None, {"rope_type": "linear", "factor": 4.0}, _LLAMA3_ROPE],
+                         ids=["default", "linear", "llama3"])
+def test_rope_frequencies_match_transformers(rope):
+    """inv_freq equals that of transformers' rotary embedding, and scaling really changes it."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    tcfg = transformers.LlamaConfig(**FAMILIES["llama3"].kwargs)
-    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](tcfg, "cpu")
+    kw = dict(FAMILIES["llama3"].kwargs, rope_scaling=rope, rope_theta=50000.0)
+    if rope is None:
+        del kw["rope_scaling"]
+    tcfg = transformers.LlamaConfig(**kw)
+    rotary = LlamaRotaryEmbedding(config=tcfg)
+    assert rotary.attention_scaling == 1.0  # slidejax applies no extra cos/sin scale
     cfg = ModelConfig.from_hf_dict(tcfg.to_dict())
-    np.testing.assert_allclose(cfg.inv_freq(), expected.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(cfg.inv_freq(), rotary.inv_freq.numpy(), rtol=1e-6)
     plain = cfg.replace(rope_type="default", rope_params=()).inv_freq()
-    assert np.abs(plain - cfg.inv_freq()).max() > 1e-2 * np.abs(plain).max()
+    assert (np.abs(plain - cfg.inv_freq()).max() > 1e-2 * np.abs(plain).max()) == (rope is not None)
+
+
+@pytest.mark.parametrize("spelling", ["v5", "v4"])
+@pytest.mark.parametrize("max_window_layers, window", [(0, 8), (1, None), (2, None)])
+def test_qwen2_sliding_window_config(max_window_layers, window, spelling):
+    """Qwen2 slides where every layer does (layers from max_window_layers on slide, as in
+    transformers); a mix of windowed and full layers is refused. transformers 4 configs have no
+    layer_types."""
+    d = transformers.Qwen2Config(**dict(FAMILIES["qwen2"].kwargs, use_sliding_window=True, sliding_window=8,
+                                        max_window_layers=max_window_layers)).to_dict()
+    if spelling == "v4":
+        del d["layer_types"]
+    if max_window_layers == 1:
+        with pytest.raises(slidejax.SlidejaxError, match="full-attention layers mixed in"):
+            ModelConfig.from_hf_dict(d)
+    else:
+        assert ModelConfig.from_hf_dict(d).sliding_window == window
+
+
+def test_bf16_compute_is_as_close_as_transformers_bf16(tmp_path):
+    """The training dtype: slidejax's bf16 logits are no further from the fp32 truth than
+    transformers' own bf16 forward is."""
+    fam = FAMILIES["llama3"]
+    tm = build_torch(fam, 11)
+    tm.save_pretrained(tmp_path)
+    ids = np.random.default_rng(12).integers(0, fam.kwargs["vocab_size"], (BATCH, SEQ))
+    exact = torch_logits(tm, ids)
+    torch_bf16 = rel_err(torch_logits(tm.to(torch.bfloat16), ids), exact)
+    got = slidejax.load_pretrained(tmp_path, dtype="bfloat16").logits(ids)
+    assert got.dtype == np.float32
+    assert 1e-3 < rel_err(got, exact) < 2 * torch_bf16, (rel_err(got, exact), torch_bf16)
 
 
 @pytest.mark.parametrize("spelling", ["v4", "v5"])
