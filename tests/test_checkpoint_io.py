@@ -261,3 +261,13 @@ def test_bad_export_settings_are_one_line_errors(tmp_path):
     with pytest.raises(SlidejaxError, match="not writable"):
         model.save_pretrained(blocker / "sub")
     assert not list((tmp_path / "a").glob("*.safetensors")) and not list((tmp_path / "b").glob("*.safetensors"))
+
+
+def test_export_names_the_architecture_when_the_source_did_not(tmp_path):
+    tm = tiny_torch(False, seed=9)
+    tm.save_pretrained(tmp_path / "src")
+    cfg = json.loads((tmp_path / "src" / "config.json").read_text())
+    cfg["architectures"] = None
+    (tmp_path / "src" / "config.json").write_text(json.dumps(cfg))
+    out = slidejax.load_pretrained(tmp_path / "src", dtype="float32").save_pretrained(tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]

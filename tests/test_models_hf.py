@@ -63,9 +63,11 @@ FAMILIES = {
         Family("llama3", transformers.LlamaConfig,
                dict(_COMMON, vocab_size=1009, num_attention_heads=4, num_key_value_heads=2,
                     rope_scaling=_LLAMA3_ROPE), 3),
-        # Llama 2: plain RoPE, multi-head attention (GQA ratio 1).
+        # Llama 2: plain RoPE, multi-head attention (GQA ratio 1); with the attention_bias and
+        # mlp_bias that Llama configs allow, so o_proj and MLP biases are covered too.
         Family("llama2", transformers.LlamaConfig,
-               dict(_COMMON, vocab_size=601, num_attention_heads=4, num_key_value_heads=4), 2),
+               dict(_COMMON, vocab_size=601, num_attention_heads=4, num_key_value_heads=4,
+                    attention_bias=True, mlp_bias=True), 2),
         # Qwen2 / 2.5: q/k/v bias, no o bias, tied embeddings, GQA 2.
         Family("qwen2", transformers.Qwen2Config,
                dict(_COMMON, vocab_size=1009, num_attention_heads=4, num_key_value_heads=2,
@@ -229,6 +231,8 @@ def test_config_is_read_as_intended(case):
     assert len(vocab_chunks(cfg)) == case.fam.vocab_blocks
     assert len(case.model.host.embed_units) == case.fam.vocab_blocks
     assert cfg.sliding_window == kw.get("sliding_window")
+    biases = {n.split(".", 3)[-1] for n, _ in case.torch_model.named_parameters() if n.endswith(".bias")}
+    assert set(n for n in case.model.host.tree()["layers"][0] if n.endswith(".bias")) == biases
     if cfg.sliding_window:
         assert cfg.sliding_window < SEQ
 
