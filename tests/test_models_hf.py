@@ -407,9 +407,43 @@ def test_tiny_preset_loads_runs_exports_and_reloads(tmp_path):
     ids = np.random.default_rng(9).integers(0, cfg.vocab_size, (2, 16))
     logits = model.logits(ids)
     assert logits.shape == (2, 16, cfg.vocab_size) and np.isfinite(logits).all() and logits.std() > 0
+    np.testing.assert_allclose(model.logits(ids[1]), logits[1], rtol=1e-5, atol=1e-6)  # [seq] input
     out = model.save_pretrained(tmp_path / "tiny", dtype="float32")
     assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
     back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert rel_err(torch_logits(back, ids), logits) < TOL
     tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
     assert len(tok) == cfg.vocab_size
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["llama3", "mistral"])
+def test_gpu_cudnn_attention_matches_xla(name):
+    """On the GPU, a bf16 decoder layer through cuDNN attention equals the XLA path, for plain
+    causal rows, a sliding window and packed rows (segment mask)."""
+    import jax.numpy as jnp
+
+    from slidejax.model import LayerFn, init_params
+
+    fam = FAMILIES[name]
+    # head_dim 64: a size every cuDNN flash-attention version takes
+    cfg = ModelConfig.from_hf_dict(fam.config_cls(**fam.kwargs).to_dict()).replace(head_dim=64)
+    rng = np.random.default_rng(13)
+    # weights 5x transformers' init so attention is peaked, not uniform
+    w = {k: jnp.asarray(v * (5.0 if v.ndim > 1 else 1.0), jnp.bfloat16)
+         for k, v in init_params(cfg.replace(num_layers=1), seed=13)["layers"][0].items()}
+    s = 128
+    x = jnp.asarray(rng.standard_normal((2, s, cfg.hidden_size)), jnp.bfloat16)
+    pos = np.broadcast_to(np.arange(s, dtype=np.int32), (2, s))
+    seg = np.ones((2, s), np.int32)
+    seg[1, 40:90], seg[1, 90:120], seg[1, 120:] = 2, 3, 0
+    packed_pos = pos.copy()
+    packed_pos[1, 40:90], packed_pos[1, 90:120] = np.arange(50), np.arange(30)
+    for p, sg in ((pos, None), (packed_pos, seg)):
+        xla = jax.jit(LayerFn(cfg, None).__call__)(w, x, p, sg)
+        cudnn = jax.jit(LayerFn(cfg, "cudnn").__call__)(w, x, p, sg)
+        real = np.ones((2, s), bool) if sg is None else sg > 0
+        assert rel_err(np.asarray(cudnn, np.float32)[real], np.asarray(xla, np.float32)[real]) < 2e-2
