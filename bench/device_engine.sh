@@ -8,9 +8,9 @@ LOG=$OUT/log.txt
 step() { echo "=== $* ($(date +%T))" | tee -a "$LOG"; }
 step setup
 source bench/device_setup.sh >>"$LOG" 2>&1 || { tail -30 "$LOG"; exit 1; }
-LAYERS=${LAYERS:-12}
+LAYERS=${LAYERS:-8}
 step "engine streamed, 4 layers, 16K tokens, trace"
-timeout 150 python3 bench/bench_engine.py --layers 4 --tokens-per-step 16384 --steps 2 --warmup 2 \
+timeout 120 python3 bench/bench_engine.py --layers 4 --tokens-per-step 16384 --steps 2 --warmup 2 \
     --out "$OUT/e16.json" --trace "$OUT/trace16.json" >>"$LOG" 2>&1; tail -1 "$LOG"
 if [ -n "${TESTS:-}" ]; then
     step "engine GPU tests"

@@ -101,7 +101,10 @@ class Trace:
     def _watch(self) -> None:
         while True:
             lane, name, issued, value = self._pending.get()
-            jax.block_until_ready(value)
+            try:
+                jax.block_until_ready(value)
+            except Exception:  # noqa: BLE001 - donated to a later computation: ended before it
+                pass
             end = self.now()
             start = max(issued, self._lane_end.get(lane, 0.0))
             self._lane_end[lane] = end
@@ -358,6 +361,8 @@ class SlidingEngine:
         reference with the same kernels.
       max_grad_norm: clip the global gradient norm to this (0 = off), exactly.
       loss_impl: fused linear cross-entropy implementation ("auto", "triton", "jax").
+      attention_impl: `jax.nn.dot_product_attention` implementation; default cuDNN flash
+        attention on GPUs in bf16, XLA elsewhere.
       trace: record a Chrome/Perfetto timeline (see `save_trace`).
       gpu_memory: a device memory budget ("24GB", bytes, or None/"unlimited"). Checked against
         the plan (`plan_memory`) before the first step; an infeasible budget raises a
@@ -385,6 +390,8 @@ class SlidingEngine:
         self.all_resident = self.resident_layers == self.L
         self.trace = Trace() if trace else None
         self.worker = HostWorker(self.trace)
+        if attention_impl is None and self.device.platform == "gpu" and self.dtype.itemsize == 2:
+            attention_impl = "cudnn"  # jax's default is the XLA path, which materialises S x S scores
         self.fns = stage_fns(cfg, self.dtype, loss_impl, attention_impl)
         self.step_count = 0
         self.gpu_memory = parse_bytes(gpu_memory)

@@ -68,7 +68,12 @@ def test_bf16_training_tracks_the_fp32_reference():
     engine = SlidingEngine(host, opt, compute_dtype="bfloat16", max_grad_norm=1.0)
     rng = np.random.default_rng()
     ids = rng.integers(0, cfg.vocab_size, (2, 4, 257)).astype(np.int32)
-    batch = {"input_ids": ids[..., :-1], "labels": ids[..., 1:]}
+    seg = np.ones((2, 4, 256), np.int32)
+    seg[:, 1:, 100:] = 2  # packed rows: the masked cuDNN path
+    pos = np.where(seg == 2, np.arange(256) - 100, np.arange(256)).astype(np.int32)
+    labels = ids[..., 1:].copy()
+    labels[:, 1:, 99] = -100
+    batch = {"input_ids": ids[..., :-1], "labels": labels, "segment_ids": seg, "positions": pos}
     want = float(reference.mean_loss(params, cfg, {k: jnp.asarray(v) for k, v in batch.items()}))
     losses = [engine.step(batch).loss for _ in range(5)]
     assert all(np.isfinite(losses))
