@@ -82,8 +82,7 @@ def attention(q: Array, k: Array, v: Array, segment_ids: Array | None, window: i
     """
     local = (window - 1, 0) if window else None
     if segment_ids is None:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local,
-                                            implementation=implementation)
+        return _sdpa(q, k, v, implementation, is_causal=True, local_window_size=local)
     s = q.shape[1]
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     causal = jnp.tril(jnp.ones((s, s), dtype=bool))
@@ -91,7 +90,17 @@ def attention(q: Array, k: Array, v: Array, segment_ids: Array | None, window: i
     if window:
         idx = jnp.arange(s)
         mask = mask & ((idx[:, None] - idx[None, :]) < window)[None]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
+    return _sdpa(q, k, v, implementation, mask=mask[:, None])
+
+
+def _sdpa(q: Array, k: Array, v: Array, implementation: str | None, **kw: Any) -> Array:
+    """`jax.nn.dot_product_attention`, falling back to XLA where cuDNN refuses the case."""
+    if implementation is not None:
+        try:
+            return jax.nn.dot_product_attention(q, k, v, implementation=implementation, **kw)
+        except (ValueError, NotImplementedError, TypeError, RuntimeError):
+            pass
+    return jax.nn.dot_product_attention(q, k, v, **kw)
 
 
 class Attention(nnx.Module):
