@@ -186,7 +186,8 @@ def _ref_fns(cfg: ModelConfig):
         return reference.logits(params, cfg, ids, pos), loss, grads
 
     # Compile time dominates these tiny runs on CPU; XLA's backend optimisations buy nothing here.
-    return jax.jit(run, compiler_options={"xla_backend_optimization_level": 0})
+    cpu = jax.default_backend() == "cpu"
+    return jax.jit(run, compiler_options={"xla_backend_optimization_level": 0} if cpu else None)
 
 
 @dataclasses.dataclass
