@@ -66,10 +66,17 @@ class Model:
         """fp32 logits [B, S, vocab] for int token ids [B, S] (or [S])."""
         ids = np.asarray(input_ids)
         squeeze = ids.ndim == 1
-        ids = ids[None] if squeeze else ids
-        if ids.ndim != 2:
-            raise SlidejaxError(f"input_ids must be [batch, seq] or [seq], got shape {list(np.shape(input_ids))}")
-        out = self.engine.logits(ids, positions, segment_ids)
+        if ids.ndim not in (1, 2):
+            raise SlidejaxError(f"input_ids must be [batch, seq] or [seq], got shape {list(ids.shape)}")
+        extra = {"positions": positions, "segment_ids": segment_ids}
+        for name, value in extra.items():
+            if value is not None:
+                extra[name] = np.asarray(value)
+                if extra[name].shape != ids.shape:
+                    raise SlidejaxError(f"{name} has shape {list(extra[name].shape)}, input_ids "
+                                        f"{list(ids.shape)}: they must match")
+                extra[name] = extra[name][None] if squeeze else extra[name]
+        out = self.engine.logits(ids[None] if squeeze else ids, extra["positions"], extra["segment_ids"])
         return out[0] if squeeze else out
 
     def params(self) -> dict[str, Any]:

@@ -312,6 +312,10 @@ def test_logits_input_errors():
     model = Model(cfg, object.__new__(HostModel), "float32")  # the shape checks need no weights
     with pytest.raises(SlidejaxError, match=r"input_ids must be \[batch, seq\] or \[seq\], got shape \[1, 2, 3\]"):
         model.logits(np.ones((1, 2, 3), np.int32))
+    with pytest.raises(SlidejaxError, match=r"positions has shape \[10\], input_ids \[1, 10\]: they must match"):
+        model.logits(np.ones((1, 10), np.int32), positions=np.arange(10))
+    with pytest.raises(SlidejaxError, match=r"segment_ids has shape \[1, 9\], input_ids \[1, 10\]"):
+        model.logits(np.ones((1, 10), np.int32), segment_ids=np.ones((1, 9), np.int32))
 
 
 def test_out_of_range_token_ids(monkeypatch):

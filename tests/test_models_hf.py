@@ -408,7 +408,10 @@ def test_tiny_preset_loads_runs_exports_and_reloads(tmp_path):
     ids = np.random.default_rng(9).integers(0, cfg.vocab_size, (2, 16))
     logits = model.logits(ids)
     assert logits.shape == (2, 16, cfg.vocab_size) and np.isfinite(logits).all() and logits.std() > 0
-    np.testing.assert_allclose(model.logits(ids[1]), logits[1], rtol=1e-5, atol=1e-6)  # [seq] input
+    # [seq] input, alone and with positions / segment ids of the same shape
+    np.testing.assert_allclose(model.logits(ids[1]), logits[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.logits(ids[1], np.arange(16), np.ones(16, np.int32)), logits[1],
+                               rtol=1e-5, atol=1e-6)
     out = model.save_pretrained(tmp_path / "tiny", dtype="float32")
     assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
     back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
