@@ -15,7 +15,7 @@ import re
 import shutil
 import struct
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import ml_dtypes
 import numpy as np

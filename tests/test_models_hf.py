@@ -117,18 +117,18 @@ def packed_batch(ids: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndar
 
     Labels are the next token within a document, some dropped (-100), none on padding.
     """
-    v_ids = ids.copy()
+    ids = ids.copy()
     seg = np.ones_like(ids)
     seg[1] = np.concatenate([np.full(n, s) for s, n in PACKED])
     pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
     pos[1] = np.concatenate([np.arange(n) if s else rng.integers(0, 50, n) for s, n in PACKED])
     labels = np.full_like(ids, -100)
     same_doc = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)
-    labels[:, :-1] = np.where(same_doc, v_ids[:, 1:], -100)
+    labels[:, :-1] = np.where(same_doc, ids[:, 1:], -100)
     labels[rng.random(ids.shape) < 0.25] = -100
     assert (labels != -100).sum() > ids.size // 3
     return {k: a.astype(np.int32) for k, a in
-            dict(input_ids=v_ids, positions=pos, segment_ids=seg, labels=labels).items()}
+            dict(input_ids=ids, positions=pos, segment_ids=seg, labels=labels).items()}
 
 
 def documents(batch: dict[str, np.ndarray]) -> list[tuple[int, int, int]]:
@@ -156,7 +156,7 @@ def torch_packed_logits(model: torch.nn.Module, batch: dict[str, np.ndarray]) ->
     return torch.stack([torch.stack([x if x is not None else torch.zeros(v) for x in row]) for row in rows])
 
 
-def slidejax_grad_name(hf_name: str) -> tuple:
+def tree_path(hf_name: str) -> tuple:
     """HF parameter name -> path in `HostModel.tree()`."""
     if hf_name == "model.embed_tokens.weight":
         return ("embed",)
@@ -243,7 +243,7 @@ def test_weights_load_exactly(case):
     sd = case.torch_model.state_dict()
     names = {n for n, _ in case.torch_model.named_parameters()}  # tied lm_head appears once
     for name in names:
-        np.testing.assert_array_equal(tree_get(tree, slidejax_grad_name(name)), sd[name].numpy(), err_msg=name)
+        np.testing.assert_array_equal(tree_get(tree, tree_path(name)), sd[name].numpy(), err_msg=name)
     n_tree = 1 + len(tree["layers"]) * len(tree["layers"][0]) + 1 + ("lm_head" in tree)
     assert n_tree == len(names)
 
@@ -282,7 +282,7 @@ def test_reference_logits_loss_and_every_gradient_match_autograd(case):
 
     seen = 0
     for name, p in tm.named_parameters():
-        g = np.asarray(tree_get(grads, slidejax_grad_name(name)))
+        g = np.asarray(tree_get(grads, tree_path(name)))
         assert p.grad is not None and g.shape == tuple(p.shape), name
         assert np.linalg.norm(p.grad.numpy()) > 0, name
         assert rel_err(g, p.grad.numpy()) < TOL, (name, rel_err(g, p.grad.numpy()))
