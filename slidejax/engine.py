@@ -28,6 +28,7 @@ that of the token-weighted mean loss over the whole step.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import itertools
@@ -177,6 +178,8 @@ class _Acts:
         self.dev[mb] = value if keep else None
         if offload:
             self.host[mb] = self.e._download(value, "activation")
+            if not keep:
+                self.e._throttle(self.host[mb])
         elif not keep:
             raise AssertionError("an activation must be kept or offloaded")
 
@@ -425,6 +428,7 @@ class SlidingEngine:
                 self.upload_buf[name] = pb
             if optimizer is not None:  # None: an inference-only engine
                 self.opt_state[name] = optimizer.init(unit.master.reshape(self._shape(unit)), tree_of=self._tree_of(unit))
+        self._inflight: collections.deque = collections.deque()
         self._staging: list[PinnedBuffer] = []
         self._staging_guard: Any = None  # the last computation that read the staging buffers
         self._pending_embed: tuple | None = None
@@ -527,6 +531,14 @@ class SlidingEngine:
         if self.trace:
             self.trace.device("download", what, out)
         return out
+
+    def _throttle(self, landing: jax.Array) -> None:
+        """Bound the activations in flight: the driver may run at most two micro-batches ahead of
+        their copies landing in host memory, so device memory does not grow with the number of
+        micro-batches per step."""
+        self._inflight.append(landing)
+        while len(self._inflight) > 2:
+            jax.block_until_ready(self._inflight.popleft())
 
     def _weights(self, name: str) -> jax.Array:
         """Issue (or return) unit `name`'s weights on the device."""
@@ -913,9 +925,6 @@ class SlidingEngine:
 
     def _release_updates(self, next_ids: np.ndarray | None) -> None:
         """End of backward: the scale is final; start every update not started yet."""
-        pending, self._pending = self._pending, []
-        for name, grad in sorted(pending, key=lambda p: self._priority(p[0])):
-            self._submit(name, grad, self._scale)
         for name, grad in self._resident_updates:
             self._update_resident(name, grad, self._scale)
         self._resident_updates = []
@@ -927,7 +936,11 @@ class SlidingEngine:
                 self.rows_ready[u.name].clear()
                 self.ready[u.name].clear()
             if next_ids is not None:
+                # Queued before the layers' updates: the next forward needs these rows first.
                 self._flush_embed_update(next_ids)
+        pending, self._pending = self._pending, []
+        for name, grad in sorted(pending, key=lambda p: self._priority(p[0])):
+            self._submit(name, grad, self._scale)
 
     def _flush_embed_update(self, next_ids: np.ndarray | None) -> None:
         """Start the deferred embedding (and tied head) update: with the next step's token ids
