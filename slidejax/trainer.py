@@ -155,6 +155,10 @@ class TrainConfig:
             model = layer.get("model", model)
         merged: dict[str, Any] = dict(PRESET_TRAINING.get(model, {})) if not base else {}
         for layer in layers:
+            # steps and epochs are one choice: a layer naming one replaces the other below it.
+            for one, other in (("steps", "epochs"), ("epochs", "steps")):
+                if layer.get(one) is not None and layer.get(other) is None:
+                    merged.pop(other, None)
             merged.update(layer)
         return cls.from_dict(merged)
 
@@ -532,12 +536,16 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
 
 
 def data_paths(config: TrainConfig, kind: str, preset: str | None = None) -> list[str] | None:
-    """The configured training ("train") or eval ("eval") files, else the preset's own."""
+    """The configured training ("train") or eval ("eval") files, else the preset's own (its eval
+    data only along with its training data: other data gets no unrelated eval by default)."""
     from slidejax.presets import preset_path
 
     configured = config.data if kind == "train" else config.eval_data
     if configured:
         return list(configured)
+    if kind == "eval" and config.data and preset is not None and \
+            [str(Path(p).resolve()) for p in config.data] != [str((preset_path(preset) / "train.jsonl").resolve())]:
+        return None
     if preset is not None:
         return [str(preset_path(preset) / ("train.jsonl" if kind == "train" else "eval.jsonl"))]
     return None
@@ -1121,14 +1129,23 @@ def restore_setup(path: str | os.PathLike, model: Any, overrides: dict[str, Any]
         meta = reader.read_meta(step)
     finally:
         reader.close()
+    where = str(reader.path(step))
+    saved_cfg = ModelConfig.from_hf_dict(meta["model_config"], source=where)
+    if model is not None:
+        _check_same_model(saved_cfg, model.config, where)
+    elif overrides.get("model") is not None:  # a model named along with --resume must be the checkpoint's
+        from slidejax.presets import PRESETS, preset_path
+
+        name = overrides["model"]
+        folder_of = preset_path(name) if name in PRESETS and not Path(name).exists() else Path(name)
+        _check_same_model(saved_cfg, ModelConfig.from_pretrained(folder_of), where)
     run = folder.parent
     saved = dict(meta["train_config"])
     saved.update(output_dir=str(run.parent), run_name=run.name, resume=str(path))
     config = TrainConfig.load(toml, base=saved, **overrides)
     if model is None:
-        cfg = ModelConfig.from_hf_dict(meta["model_config"], source=str(reader.path(step)))
         source = run / "model" if (run / "model").is_dir() else None
-        model = Model(cfg, HostModel(cfg), _resolve_dtype(config.compute_dtype), source=source)
+        model = Model(saved_cfg, HostModel(saved_cfg), _resolve_dtype(config.compute_dtype), source=source)
     return config, model
 
 
