@@ -367,7 +367,11 @@ class SlidingEngine:
       attention_impl: `jax.nn.dot_product_attention` implementation; default cuDNN flash
         attention on GPUs in bf16, XLA elsewhere.
       trace: record a Chrome/Perfetto timeline (see `save_trace`).
-      gpu_memory: a device memory budget ("24GB", bytes, or None/"unlimited"). Checked against
+      devices: several local devices for data parallelism (default: `device` alone). Every
+        micro-batch is split by rows across them; each layer's weights are uploaded to every
+        device from the one host copy, weight gradients are all-reduced on the devices and
+        downloaded once, so host state and host updates exist once, not per device.
+      gpu_memory: a device memory budget (per device) ("24GB", bytes, or None/"unlimited"). Checked against
         the plan (`plan_memory`) before the first step; an infeasible budget raises a
         SlidejaxError naming what does not fit.
     """
@@ -376,7 +380,7 @@ class SlidingEngine:
                  prefetch: int = 2, resident_layers: int = 0, max_grad_norm: float = 0.0,
                  device: jax.Device | None = None, loss_impl: str = "auto",
                  attention_impl: str | None = None, trace: bool = False,
-                 gpu_memory: int | str | None = None):
+                 gpu_memory: int | str | None = None, devices: Any = None):
         if prefetch < 1:
             raise SlidejaxError(f"prefetch must be >= 1, got {prefetch}")
         cfg = host.cfg
@@ -385,9 +389,20 @@ class SlidingEngine:
         self.np_dtype = numpy_dtype(compute_dtype)
         self.prefetch = prefetch
         self.max_grad_norm = float(max_grad_norm)
-        self.device = device or jax.devices()[0]
-        self.dev_sharding = memory_sharding(self.device, "device")
+        self.devices = list(devices) if devices else [device or jax.devices()[0]]
+        self.device = self.devices[0]
         self.host_sharding = memory_sharding(self.device, host_memory_kind(self.device))
+        if len(self.devices) == 1:
+            self.dev_sharding = memory_sharding(self.device, "device")
+            self.act_sharding, self.act_host_sharding = self.dev_sharding, self.host_sharding
+        else:
+            from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+            mesh = Mesh(np.array(self.devices), ("data",))
+            self.mesh = mesh
+            self.dev_sharding = NamedSharding(mesh, P(), memory_kind="device")  # replicated weights
+            self.act_sharding = NamedSharding(mesh, P("data"), memory_kind="device")  # rows split
+            self.act_host_sharding = NamedSharding(mesh, P("data"), memory_kind=host_memory_kind(self.device))
         self.L = cfg.num_layers
         self.resident_layers = max(0, min(int(resident_layers), self.L))
         self.all_resident = self.resident_layers == self.L
@@ -429,7 +444,7 @@ class SlidingEngine:
             if optimizer is not None:  # None: an inference-only engine
                 self.opt_state[name] = optimizer.init(unit.master.reshape(self._shape(unit)), tree_of=self._tree_of(unit))
         self._inflight: collections.deque = collections.deque()
-        self._staging: list[PinnedBuffer] = []
+        self._staging: list[list[PinnedBuffer]] = []  # [micro-batch][device]
         self._staging_guard: Any = None  # the last computation that read the staging buffers
         self._pending_embed: tuple | None = None
         self._embed_job: tuple | None = None
@@ -520,14 +535,19 @@ class SlidingEngine:
 
     # ----- transfers (each a separate device_put issued by the driver thread)
 
-    def _upload_array(self, host_array: Any, what: str) -> jax.Array:
-        out = jax.device_put(host_array, self.dev_sharding)
+    def _upload_array(self, host_array: Any, what: str, sharding: Any = None) -> jax.Array:
+        out = jax.device_put(host_array, sharding or self.act_sharding)
         if self.trace:
             self.trace.device("upload", what, out)
         return out
 
     def _download(self, value: jax.Array, what: str) -> jax.Array:
-        out = jax.device_put(value, self.host_sharding)
+        """Activations keep their row split; gradients (replicated) come from the first device."""
+        if len(self.devices) > 1 and value.sharding.is_fully_replicated:
+            value = value.addressable_shards[0].data
+            out = jax.device_put(value, self.host_sharding)
+        else:
+            out = jax.device_put(value, self.act_host_sharding if len(self.devices) > 1 else self.host_sharding)
         if self.trace:
             self.trace.device("download", what, out)
         return out
@@ -546,7 +566,7 @@ class SlidingEngine:
             return self.dev_state[name]["weights"]
         self.ready[name].wait()
         self.worker.check()
-        return self._upload_array(self.upload_buf[name].array, name)
+        return self._upload_array(self.upload_buf[name].array, name, self.dev_sharding)
 
     def _compute(self, what: str, value: Any) -> Any:
         if self.trace:
@@ -603,6 +623,9 @@ class SlidingEngine:
         pos = (np.broadcast_to(np.arange(ids.shape[-1], dtype=np.int32), ids.shape) if pos is None
                else pos.astype(np.int32))
         seg = _batch_field(batch, "segment_ids")
+        if ids.shape[1] % len(self.devices):
+            raise SlidejaxError(f"micro-batch rows ({ids.shape[1]}) must be a multiple of the "
+                                f"{len(self.devices)} devices")
         if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
             raise SlidejaxError(f"token id out of range [0, {self.cfg.vocab_size}) in input_ids")
         return ids, labels, pos, seg
@@ -612,9 +635,9 @@ class SlidingEngine:
         for mb in range(ids.shape[0]):
             s = seg[mb].astype(np.int32) if seg is not None and _needs_segment_mask(seg[mb]) else None
             out.append({
-                "pos": jax.device_put(np.ascontiguousarray(pos[mb]), self.dev_sharding),
-                "seg": None if s is None else jax.device_put(s, self.dev_sharding),
-                "labels": jax.device_put(np.ascontiguousarray(labels[mb].reshape(-1)), self.dev_sharding),
+                "pos": jax.device_put(np.ascontiguousarray(pos[mb]), self.act_sharding),
+                "seg": None if s is None else jax.device_put(s, self.act_sharding),
+                "labels": jax.device_put(np.ascontiguousarray(labels[mb].reshape(-1)), self.act_sharding),
             })
         return out
 
@@ -633,7 +656,7 @@ class SlidingEngine:
             ws = [self.dev_state[u.name]["weights"] for u in units]
             firsts = tuple(u.rows[0] for u in units)
             for mb in range(M):
-                x = self.fns.embed_lookup(ws, firsts, jax.device_put(ids[mb], self.dev_sharding))
+                x = self.fns.embed_lookup(ws, firsts, jax.device_put(ids[mb], self.act_sharding))
                 acts.dev[mb] = x
             return acts
         for u in units:
@@ -647,15 +670,21 @@ class SlidingEngine:
         shape = ids.shape[1:] + (self.cfg.hidden_size,)
         # Every upload from the staging buffers fed layer 0; once that is done they are free.
         jax.block_until_ready(self._staging_guard)
-        if self._staging and self._staging[0].array.shape != shape:
+        n_dev = len(self.devices)
+        part = (shape[0] // n_dev,) + shape[1:]
+        if self._staging and self._staging[0][0].array.shape != part:
             self._staging = []
         while len(self._staging) < M:
-            self._staging.append(PinnedBuffer(shape, self.np_dtype, self.device))
+            # One pinned buffer per device: each device's rows go straight to it.
+            self._staging.append([PinnedBuffer(part, self.np_dtype, d) for d in self.devices])
         for mb in range(M):
-            stage = self._staging[mb]
-            gather_rows(tables, ids[mb], stage.host)
+            stages = self._staging[mb]
+            rows = np.split(ids[mb], n_dev, axis=0)
+            for stage, r in zip(stages, rows):
+                gather_rows(tables, r, stage.host)
             # The staged rows are also layer 0's checkpoint: no download needed.
-            acts.host[mb] = stage.array
+            acts.host[mb] = stages[0].array if n_dev == 1 else jax.make_array_from_single_device_arrays(
+                shape, self.act_host_sharding, [st.array for st in stages])
         return acts
 
     def _forward(self, ids: np.ndarray, dev: list[dict[str, Any]], train: bool) -> tuple[_Acts, list[_Acts]]:
@@ -838,7 +867,8 @@ class SlidingEngine:
         units = self.host.embed_units
         if self.all_resident:
             dxs = jnp.stack([dy.dev[mb] if dy.dev[mb] is not None else dy.get(mb) for mb in range(M)])
-            grads = fns.embed_grads(jax.device_put(ids, self.dev_sharding), dxs,
+            ids_dev = jax.device_put(ids, self.dev_sharding)
+            grads = fns.embed_grads(ids_dev, dxs,
                                     tuple((u.rows[1] - u.rows[0], u.rows[0]) for u in units))
             for u, g in zip(units, grads):
                 if self.cfg.tie_word_embeddings:
@@ -862,6 +892,8 @@ class SlidingEngine:
             else:
                 self._resident_updates.append((name, acc))
             return
+        if len(self.devices) > 1 and not acc.sharding.is_fully_replicated:
+            acc = jax.device_put(acc, self.dev_sharding)  # the all-reduce, on the devices
         grad, sq = self.fns.finish(acc)
         self._compute(f"grad {name}", grad)
         host_grad = self._download(grad, f"grad {name}")

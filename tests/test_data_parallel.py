@@ -1,0 +1,42 @@
+"""Data parallelism over several local devices gives the single-device update.
+
+Simulated CPU devices (`jax_num_cpu_devices`, which must be set before jax starts), so each device
+count runs in its own process (`tests/data_parallel_worker.py`): 1, 2 and 4 devices train the same
+tiny model on the same batches (packed rows, clipping on) and must end with the same fp32
+masters (which the single-device engine is tested to compute exactly, tests/test_engine.py).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+WORKER = Path(__file__).with_name("data_parallel_worker.py")
+
+
+def train(tmp_path: Path, n: int, seed: int, tied: str) -> dict[str, np.ndarray]:
+    out = tmp_path / f"dp{n}_{tied}.npz"
+    proc = subprocess.run([sys.executable, str(WORKER), str(n), str(out), str(seed), tied],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(np.load(out))
+
+
+@pytest.mark.parametrize("tied", ["untied", "tied"])
+def test_one_two_four_devices_same_parameters(tmp_path, tied):
+    seed = int(np.random.default_rng().integers(1 << 20))
+    runs = {n: train(tmp_path, n, seed, tied) for n in (1, 2, 4)}
+    base = runs[1]
+    for n in (2, 4):
+        np.testing.assert_allclose(runs[n]["losses"], base["losses"], rtol=1e-6)
+        for name in base:
+            if name in ("losses", "moved"):
+                continue
+            err = np.linalg.norm(runs[n][name] - base[name]) / np.linalg.norm(base[name])
+            assert err < 1e-6, f"{n} devices, {name}: relative error {err:.2e}"
+    # Training moved every unit, so equal results are not untouched initial weights.
+    assert float(base["moved"]) > 1e-5
