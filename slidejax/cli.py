@@ -209,6 +209,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = config.replace(**changes)
     train = make_loader(config, tokenizer, train_paths, "train")
     evals = make_loader(config, tokenizer, eval_paths, "eval") if eval_paths else None
+    if config.on_overlong == "error":
+        # Refusing overlong documents means reading them all once now, not failing hours in.
+        from slidejax.data import eval_loader
+
+        eval_loader(train_paths, tokenizer, seq_len=config.seq_len, micro_batch_size=config.micro_batch_size,
+                    on_overlong="error", format=config.format).count_steps()
     run = Path(config.output_dir) / config.run_name
     existed = run.exists()
     check_run_dir(run, resuming=False)

@@ -968,6 +968,9 @@ class Trainer:
                 if self._eval is not None and c.eval_every > 0 and self.step_count == 0:
                     self._report_eval(self.evaluate(), progress)
                 last_eval = last_save = self.step_count
+                if self._data_state is not None and hasattr(self._train, "load_state_dict"):
+                    # Back to just after the last trained batch (a previous fit read one ahead).
+                    self._train.load_state_dict(self._data_state)
                 it = iter(self._train)
                 batch = self._next(it)
                 self._t_last = None
