@@ -54,6 +54,18 @@ def test_flops_per_token_formula():
     assert common.flops_per_token(s, layers, seq) == 6 * n + attention
 
 
+def test_flop_formula_is_the_trainers():
+    """The benchmarks and the trainer's progress bar report TFLOP/s with one formula."""
+    from slidejax.config import ModelConfig
+    from slidejax.metrics import flops_per_token
+
+    shape, layers, seq = common.LLAMA31_8B, 7, 2048
+    cfg = ModelConfig(model_type="llama", vocab_size=shape.vocab, hidden_size=shape.hidden,
+                      intermediate_size=shape.intermediate, num_layers=layers, num_heads=shape.heads,
+                      num_kv_heads=shape.kv_heads, head_dim=shape.head_dim)
+    assert common.flops_per_token(shape, layers, seq) == pytest.approx(flops_per_token(cfg, seq), rel=1e-12)
+
+
 @pytest.mark.parametrize("tokens,seq,cap,want", [
     (16384, 4096, 16384, (4, 1)), (65536, 4096, 16384, (4, 4)), (65536, 1024, 16384, (16, 4)),
     (12288, 4096, 8192, (1, 3)), (4096, 4096, 1, (1, 1)), (40960, 4096, 16384, (2, 5)),
