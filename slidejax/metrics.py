@@ -197,10 +197,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 def plot_metrics(records: Iterable[dict[str, Any]], path: str | os.PathLike) -> Path | None:
     """Loss curve PNG: training loss per step and eval loss; the task metric on a second panel
     when there is one. Returns the path, or None when there is nothing to plot."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    # A bare Figure renders with Agg and leaves pyplot's backend (a notebook's, say) alone.
+    from matplotlib.figure import Figure
 
     records = list(records)
     train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and isinstance(r.get("loss"), float)]
@@ -210,7 +208,8 @@ def plot_metrics(records: Iterable[dict[str, Any]], path: str | os.PathLike) -> 
     if not train and not ev_loss:
         return None
     panels = 2 if ev_task else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    fig = Figure(figsize=(6 * panels, 4))
+    axes = fig.subplots(1, panels, squeeze=False)
     ax = axes[0][0]
     if train:
         ax.plot(*zip(*train), label="train loss", lw=1)
@@ -230,7 +229,6 @@ def plot_metrics(records: Iterable[dict[str, Any]], path: str | os.PathLike) -> 
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -244,7 +242,7 @@ class Progress:
 
     def __init__(self, total: int | None, initial: int = 0, *, enabled: bool = True, every: int | None = None,
                  file: Any = None):
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         self.file = file or sys.stderr
         self.tty = enabled and hasattr(self.file, "isatty") and self.file.isatty()
