@@ -225,11 +225,13 @@ class Checkpointer:
              *, wait: bool = False) -> Path:
         """Start saving checkpoint `step` and return its path. The arrays may change as soon as
         this returns (they were snapshotted), unless ``snapshot=False``, which waits for the write.
-        A previous save still writing is waited for first (and its failure raised)."""
+        A previous save still writing is waited for first (and its failure raised). An existing
+        checkpoint of the same step (from before a resume to an earlier step) is replaced."""
         ocp = _ocp()
         self.wait()
         if step in self.manager.all_steps():
-            return self.path(step)  # already saved (e.g. the final save right after a periodic one)
+            # Left by a timeline abandoned when a run resumed from an earlier checkpoint.
+            self.manager.delete(step)
         args = ocp.args.Composite(params=ocp.args.PyTreeSave(params), optimizer=ocp.args.PyTreeSave(optimizer),
                                   meta=ocp.args.JsonSave(dict(meta, format=FORMAT_VERSION, step=step)))
         try:

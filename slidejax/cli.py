@@ -180,20 +180,20 @@ def cmd_train(args: argparse.Namespace) -> int:
                                   default_run_name, latest_run, load_tokenizer, make_loader, restore_setup)
 
     overrides = _overrides(args)
-    if "resume" in overrides:
-        resume = overrides.pop("resume")
+    config = TrainConfig.load(args.config, **overrides)
+    if config.resume is not None:  # from --resume or the TOML file
+        resume = config.resume
         if resume == "latest":
-            base = TrainConfig.load(args.config, **overrides)
-            resume = str(Path(base.output_dir) / base.run_name) if base.run_name else str(latest_run(base.output_dir))
-        overrides.pop("run_name", None)
-        overrides.pop("output_dir", None)
+            resume = str(Path(config.output_dir) / config.run_name) if config.run_name else \
+                str(latest_run(config.output_dir))
+        for key in ("resume", "run_name", "output_dir"):  # the checkpoint's location decides these
+            overrides.pop(key, None)
         config, model = restore_setup(resume, None, overrides, toml=args.config)
         print(f"resuming {resume}")
         trainer = Trainer(model, None, config)
         trainer.resume(resume)  # checks the model, the data and the checkpoint before anything is written
         return _fit(trainer)
 
-    config = TrainConfig.load(args.config, **overrides)
     folder = _model_folder(config.model)
     model_cfg = ModelConfig.from_pretrained(folder)
     preset = config.model if config.model in PRESETS and not Path(config.model).exists() else None

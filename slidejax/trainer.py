@@ -1144,8 +1144,8 @@ def restore_setup(path: str | os.PathLike, model: Any, overrides: dict[str, Any]
         _check_same_model(saved_cfg, ModelConfig.from_pretrained(folder_of), where)
     run = folder.parent
     saved = dict(meta["train_config"])
-    saved.update(output_dir=str(run.parent), run_name=run.name, resume=str(path))
-    config = TrainConfig.load(toml, base=saved, **overrides)
+    location = dict(output_dir=str(run.parent), run_name=run.name, resume=str(path))
+    config = TrainConfig.load(toml, base={**saved, **location}, **overrides).replace(**location)
     if model is None:
         source = run / "model" if (run / "model").is_dir() else None
         model = Model(saved_cfg, HostModel(saved_cfg), _resolve_dtype(config.compute_dtype), source=source)

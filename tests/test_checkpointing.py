@@ -154,6 +154,19 @@ def test_keep_last_n(tmp_path):
     ck.close()
 
 
+def test_saving_an_existing_step_replaces_it(tmp_path):
+    """After resuming from an earlier checkpoint, the new timeline's checkpoints replace the old
+    timeline's of the same step."""
+    ck = Checkpointer(tmp_path / "ck", keep_last=0)
+    for step in (1, 2):
+        ck.save(step, *_state(step), {"timeline": "old"})
+    new = _state(7)
+    ck.save(2, *new, {"timeline": "new"}, wait=True)
+    got = ck.restore(2)
+    assert ck.steps() == [1, 2] and got["meta"]["timeline"] == "new" and tree_equal(got["params"], new[0])
+    ck.close()
+
+
 def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, slow_writes):
     ck = Checkpointer(tmp_path / "ck")
     first = _state(1)
