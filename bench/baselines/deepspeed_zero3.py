@@ -91,23 +91,6 @@ def make_optimizer(model: torch.nn.Module, cpu_adam_error: str | None) -> tuple[
     return torch.optim.AdamW(model.parameters(), foreach=True, **hf_llama.ADAMW), note
 
 
-def plain_step_fn(model, optimizer, batches, clip: float):
-    """One training step without DeepSpeed (--dry-run): accumulate, clip, AdamW step."""
-
-    def step() -> float:
-        loss = None
-        for ids in batches:
-            loss = model(input_ids=ids, labels=ids).loss
-            (loss / len(batches)).backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
-    return step
-
-
 def engine_step_fn(engine, batches):
     """One training step: every micro-batch through the engine; it steps at the boundary."""
 
@@ -158,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batches = hf_llama.random_batches(shape.vocab, accum, batch, args.seq_len, args.seed, device)
         optimizer, opt_note = make_optimizer(model, cpu_adam_error)
         if args.dry_run:
-            step = plain_step_fn(model, optimizer, batches, args.clip)
+            step = hf_llama.accumulate_clip_step(model, optimizer, batches, args.clip)
             notes.append("dry run: no DeepSpeed")
         else:
             config = ds_config(shape.hidden, batch, accum, args.clip)

@@ -89,23 +89,6 @@ def make_optimizer(
     return torch.optim.AdamW(model.parameters(), foreach=True, **hf_llama.ADAMW), note
 
 
-def step_fn(model, optimizer, batches, clip: float):
-    """One training step: accumulate the micro-batches' gradients, clip, AdamW on the CPU."""
-
-    def step() -> float:
-        loss = None
-        for ids in batches:
-            loss = model(input_ids=ids, labels=ids).loss
-            (loss / len(batches)).backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
-    return step
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = common.runner_parser(__doc__.splitlines()[0])
     p.add_argument("--micro-batch-tokens", type=int, default=16384,
@@ -144,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         notes.append(opt_note)
         if args.gpu_budget:
             notes.append(f"--gpu-budget {args.gpu_budget} ignored")
-        step = step_fn(model, optimizer, batches, args.clip)
+        step = hf_llama.accumulate_clip_step(model, optimizer, batches, args.clip)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

@@ -88,6 +88,23 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
     model.train()
 
 
+def accumulate_clip_step(model, optimizer, batches, clip: float):
+    """A plain PyTorch training step: accumulate the micro-batches' gradients, clip, step."""
+
+    def step() -> float:
+        loss = None
+        for ids in batches:
+            loss = model(input_ids=ids, labels=ids).loss
+            (loss / len(batches)).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step
+
+
 def random_batches(
     vocab: int, micro_batches: int, batch: int, seq_len: int, seed: int, device: torch.device | str
 ) -> torch.Tensor:
