@@ -28,7 +28,7 @@ import tomllib
 import types
 import typing
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -956,11 +956,12 @@ class Trainer:
         self.build()
         run = self.open_run()
         total = self.total_steps
-        stop_at = min(x for x in (total, until_step) if x is not None) if (total or until_step) else None
+        limits = [x for x in (total, until_step) if x is not None]
+        stop_at = min(limits) if limits else None
         progress = Progress(total, self.step_count, enabled=c.progress)
         summary: dict[str, Any] = {"run_dir": str(run), "interrupted": None}
         self._stop = None
-        handlers = self._install_signal_handlers(progress)
+        handlers = self._install_signal_handlers()
         try:
             with warnings.catch_warnings():
                 # Warnings (e.g. truncated documents) as one line that does not break the bar.
@@ -977,7 +978,7 @@ class Trainer:
                 while batch is not None and (stop_at is None or self.step_count < stop_at) and self._stop is None:
                     before_next = self._loader_state()
                     nxt = self._next(it)
-                    m = self.step(batch, None if nxt is None else np.asarray(nxt.input_ids))
+                    m = self.step(batch, None if nxt is None else _input_ids(nxt))
                     self._data_state = before_next
                     progress.update(m)
                     if not math.isfinite(m["loss"]):
@@ -990,6 +991,8 @@ class Trainer:
                         self.save()
                         last_save = self.step_count
                     batch = nxt
+            if self._stop is not None:
+                progress.write(f"{self._stop}: stopping after step {self.step_count}; saving a checkpoint")
             finished = self._stop is None
             if finished and self._eval is not None and last_eval != self.step_count:
                 self._report_eval(self.evaluate(), progress)
@@ -1025,7 +1028,7 @@ class Trainer:
                 batch = next(it)
             except StopIteration:
                 return None
-            labels = np.asarray(batch["labels"] if isinstance(batch, dict) else batch.labels)
+            labels = np.asarray(batch.get("labels") if isinstance(batch, dict) else batch.labels)
             if np.any(labels != -100):
                 return batch
             self._skipped += 1
@@ -1044,17 +1047,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ signals
 
-    def _install_signal_handlers(self, progress: Progress) -> dict[int, Any]:
+    def _install_signal_handlers(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():
             return {}
 
         def handler(signum: int, frame: types.FrameType | None) -> None:
-            name = signal.Signals(signum).name
+            # Only a flag: printing here could re-enter a write the main thread is in the middle of.
             if self._stop is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt  # a second Ctrl-C: abort now (checkpoints on disk stay intact)
-            self._stop = name
-            progress.write(f"{name}: finishing step {self.step_count + 1}, then saving a checkpoint "
-                           "(Ctrl-C again to abort)")
+            self._stop = signal.Signals(signum).name
 
         old = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1098,6 +1099,10 @@ class Trainer:
 
 # ----------------------------------------------------------------------------------------------
 # Helpers shared with the CLI
+
+
+def _input_ids(batch: Any) -> np.ndarray:
+    return np.asarray(batch["input_ids"] if isinstance(batch, dict) else batch.input_ids)
 
 
 def _check_same_model(saved: ModelConfig, current: ModelConfig, where: str) -> None:
