@@ -888,11 +888,11 @@ class Trainer:
                 self.total_steps = meta.get("total_steps")
             if self._train is None and self._data_paths(None, "train") is not None:
                 self.set_train_data()
-            self.build()
             if meta.get("data") is not None and hasattr(self._train, "load_state_dict"):
-                self._train.load_state_dict(meta["data"])  # validates the data before anything changes
+                self._train.load_state_dict(meta["data"])  # checks the data is the same, before any allocation
             elif meta.get("data") is not None:
                 warnings.warn("the training data is not a DataLoader: its position is not restored", stacklevel=2)
+            self.build()
             state = self.engine.state_dict()
             restored = reader.restore(step)
             opt = {}

@@ -193,6 +193,15 @@ def test_resume_with_another_model_is_refused_and_changes_nothing(tmp_path, caps
     assert digest(run_dir) == before
 
 
+def test_resume_with_other_data_is_refused_and_changes_nothing(tmp_path, capsys, run_dir):
+    other = write_lines(tmp_path / "other.jsonl", [json.dumps(r) for r in task_rows(30, seed=9)])
+    before = digest(run_dir)
+    rc, _, err = run_main(capsys, "train", "--resume", str(run_dir), "--data", str(other))
+    assert rc == 1 and err.count("\n") == 1
+    assert f"error: {other}: differs from the data the state was saved with" in err
+    assert digest(run_dir) == before
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_export_loads_in_transformers_with_the_same_logits(tmp_path, capsys, run_dir, dtype):
     import torch
