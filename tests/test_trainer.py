@@ -402,15 +402,32 @@ def test_gpu_memory_is_passed_to_the_engine_only_when_set(monkeypatch):
 
     class Recorder:
         def __init__(self, host, opt, **kwargs):
-            seen.append(kwargs)
+            seen.append(dict(kwargs, opt=opt))
 
     monkeypatch.setattr(engine_mod, "SlidingEngine", Recorder)
     for budget in ("24GB", None):
         model = tiny_model()
         model.attach = lambda engine: None
-        Trainer(model, HostAdamW(1e-3), small(steps=1, gpu_memory=budget)).build()
+        Trainer(model, None, small(steps=1, gpu_memory=budget, moment_dtype="bfloat16", resident_layers=1,
+                                   prefetch=3, max_grad_norm=0.0, weight_decay=0.05, trace="t.json",
+                                   compute_dtype="bfloat16")).build()
     assert seen[0]["gpu_memory"] == "24GB" and "gpu_memory" not in seen[1]
-    assert seen[0]["compute_dtype"] == "float32" and seen[0]["max_grad_norm"] == 1.0 and seen[0]["prefetch"] == 2
+    k = seen[0]
+    assert (k["compute_dtype"], k["max_grad_norm"], k["prefetch"], k["resident_layers"], k["trace"]) == \
+        ("bfloat16", 0.0, 3, 1, True)
+    assert isinstance(k["opt"], HostAdamW) and k["opt"].moment_dtype.name == "bfloat16"
+    assert k["opt"].weight_decay == 0.05
+
+
+def test_trace_file(tmp_path):
+    trace = tmp_path / "trace.json"
+    data = write_jsonl(tmp_path / "d.jsonl", sort_rows(np.random.default_rng(8), 40))
+    trainer = Trainer(tiny_model(), config=small(steps=2, trace=str(trace), data=[str(data)], output_dir=str(tmp_path)))
+    trainer.fit()
+    trainer.close()
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any(e.get("name", "").startswith("fwd") for e in events)
+    assert any(e.get("name", "").startswith("update") for e in events)
 
 
 # ----------------------------------------------------------------------------------------------
