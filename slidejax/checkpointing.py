@@ -232,6 +232,8 @@ class Checkpointer:
         if step in self.manager.all_steps():
             # Left by a timeline abandoned when a run resumed from an earlier checkpoint.
             self.manager.delete(step)
+        if self.snapshot and not _numpy_handler_copies():
+            params, optimizer = jax.tree.map(np.copy, (params, optimizer))  # an orbax that does not copy
         args = ocp.args.Composite(params=ocp.args.PyTreeSave(params), optimizer=ocp.args.PyTreeSave(optimizer),
                                   meta=ocp.args.JsonSave(dict(meta, format=FORMAT_VERSION, step=step)))
         try:
@@ -289,16 +291,24 @@ class Checkpointer:
             self.manager.close()
 
 
+def _numpy_handler_copies() -> bool:
+    """Whether this orbax's NumpyHandler can deep-copy arrays in the blocking part of a save."""
+    import inspect
+
+    return "deepcopy_host_arrays" in inspect.signature(_ocp().type_handlers.NumpyHandler).parameters
+
+
 def _type_registry(copy: bool) -> Any:
     """orbax's array handlers, with numpy arrays deep-copied in the blocking part of a save
     (`copy`, orbax's default) or written from the caller's memory."""
     ocp = _ocp()
     th = ocp.type_handlers
+    numpy = th.NumpyHandler(deepcopy_host_arrays=copy) if _numpy_handler_copies() else th.NumpyHandler()
     return th.create_type_handler_registry(
         (int, th.ScalarHandler()),
         (float, th.ScalarHandler()),
         (np.number, th.ScalarHandler()),
-        (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=copy)),
+        (np.ndarray, numpy),
     )
 
 
