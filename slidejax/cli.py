@@ -84,6 +84,8 @@ _TRAIN_OPTIONS: list[tuple[str, str, dict[str, Any], str]] = [
     ("system", "prefetch", dict(type=int, metavar="K"), "layers uploaded ahead of the one computing (default 2)"),
     ("system", "resident_layers", dict(type=int, metavar="N"),
      "decoder layers kept on the GPU with their optimizer state instead of streamed (default 0)"),
+    ("system", "devices", dict(type=int, metavar="N"),
+     "local accelerators for data parallelism; micro-batch rows are split across them (default 1)"),
     ("system", "trace", dict(metavar="FILE"), "write a Chrome/Perfetto trace of the engine's timeline to FILE"),
 ]
 

@@ -28,6 +28,7 @@ that of the token-weighted mean loss over the whole step.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import functools
@@ -139,9 +140,19 @@ class HostWorker:
         done.clear()
         self._queue.put((priority, next(self._seq), name, fn, done))
 
+    def stop(self) -> None:
+        """End the thread (after the queued work), so no thread is cut off inside native code at
+        interpreter exit."""
+        if self._thread.is_alive():
+            self._queue.put((float("inf"), next(self._seq), "stop", None, threading.Event()))
+            self._thread.join()
+
     def _run(self) -> None:
         while True:
             _, _, name, fn, done = self._queue.get()
+            if fn is None:
+                self._queue.task_done()
+                return
             try:
                 start = self._trace.now() if self._trace else 0.0
                 if self._error is None:
@@ -408,6 +419,7 @@ class SlidingEngine:
         self.all_resident = self.resident_layers == self.L
         self.trace = Trace() if trace else None
         self.worker = HostWorker(self.trace)
+        atexit.register(self.worker.stop)
         if attention_impl is None and self.device.platform == "gpu" and self.dtype.itemsize == 2:
             attention_impl = "cudnn"  # jax's default is the XLA path, which materialises S x S scores
         self.fns = stage_fns(cfg, self.dtype, loss_impl, attention_impl)
@@ -1055,6 +1067,13 @@ class SlidingEngine:
         out, _, _ = self._head(x_last, dev, train=False, want_logits=True)
         self._window.clear()
         return out[0]
+
+    def close(self) -> None:
+        """Finish pending updates and stop the engine's host thread (also done at exit)."""
+        try:
+            self.sync()
+        finally:
+            self.worker.stop()
 
     def save_trace(self, path: str | Path) -> None:
         """Write the recorded timeline (engine built with trace=True) as Chrome trace JSON."""

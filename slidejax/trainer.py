@@ -91,7 +91,9 @@ class TrainConfig:
     System
       compute_dtype (auto = bfloat16 on a GPU, float32 on CPU), gpu_memory / host_memory (budgets
       like "24GB"; the run is refused up front when it cannot fit), prefetch (layers uploaded
-      ahead), resident_layers (layers kept on the GPU), trace (write a Chrome trace to this file).
+      ahead), resident_layers (layers kept on the GPU), devices (local accelerators for data
+      parallelism: each micro-batch's rows are split across them), trace (write a Chrome trace to
+      this file).
     """
 
     model: str = "tiny"
@@ -129,6 +131,7 @@ class TrainConfig:
     host_memory: str | None = None
     prefetch: int = 2
     resident_layers: int = 0
+    devices: int = 1
     trace: str | None = None
 
     # -- building
@@ -196,7 +199,7 @@ class TrainConfig:
             if v is None or v < 0 or (v == 0 and not allow_zero):
                 raise SlidejaxError(f"{name} must be {'>= 0' if allow_zero else 'positive'}, got {v!r}")
 
-        for name in ("seq_len", "micro_batch_size", "prefetch"):
+        for name in ("seq_len", "micro_batch_size", "prefetch", "devices"):
             positive(name)
         for name in ("tokens_per_step", "steps", "epochs"):
             positive(name, allow_none=True)
@@ -730,6 +733,15 @@ class Trainer:
                                       trace=c.trace is not None)
         if c.gpu_memory is not None:  # only when set: engines without a budget keep working
             kwargs["gpu_memory"] = c.gpu_memory
+        if c.devices > 1:
+            import jax
+
+            local = jax.local_devices()
+            if c.devices > len(local):
+                raise SlidejaxError(f"devices={c.devices} but only {len(local)} local devices exist")
+            if c.micro_batch_size % c.devices:
+                raise SlidejaxError(f"micro_batch_size {c.micro_batch_size} must be a multiple of devices={c.devices}")
+            kwargs["devices"] = local[: c.devices]
         self.engine = SlidingEngine(self.model.host, self.optimizer, **kwargs)
         self.model.attach(self.engine)
 
