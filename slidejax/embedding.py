@@ -8,8 +8,25 @@ input into a row-sparse gradient (one summed row per distinct token) for the hos
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import numba
 import numpy as np
+
+# The driver thread gathers and sums embedding rows while the host optimizer's threads update
+# other units; a few threads are enough for these memcpy-like passes and leave it the cores.
+_THREADS = max(1, min(4, (os.cpu_count() or 1) // 4))
+
+
+@contextlib.contextmanager
+def _few_threads():
+    previous = numba.get_num_threads()
+    numba.set_num_threads(min(_THREADS, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
@@ -28,10 +45,11 @@ def gather_rows(tables: list[tuple[int, np.ndarray]], ids: np.ndarray, out: np.n
     ids = ids.reshape(-1)
     view = np.uint16 if out.dtype.itemsize == 2 else np.uint32
     out2 = out.reshape(ids.shape[0], -1).view(view)
-    for first, block in tables:
-        local = ids.astype(np.int64) - first
-        local = np.where((local >= 0) & (local < block.shape[0]), local, -1)
-        _gather(block.view(view), local, out2)
+    with _few_threads():
+        for first, block in tables:
+            local = ids.astype(np.int64) - first
+            local = np.where((local >= 0) & (local < block.shape[0]), local, -1)
+            _gather(block.view(view), local, out2)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
@@ -73,10 +91,11 @@ class RowGradient:
         hidden = grads[0].shape[-1]
         src = np.concatenate([g.reshape(-1, hidden) for g in grads]) if len(grads) > 1 else grads[0].reshape(-1, hidden)
         self.values = np.empty((self.rows.shape[0], hidden), np.float32)
-        if src.dtype == np.float32:
-            _segment_sum(np.ascontiguousarray(src), self.order, self.starts, self.values)
-        else:  # bfloat16, summed in fp32 from its bits
-            _segment_sum_bf16(np.ascontiguousarray(src).view(np.uint16), self.order, self.starts, self.values)
+        with _few_threads():
+            if src.dtype == np.float32:
+                _segment_sum(np.ascontiguousarray(src), self.order, self.starts, self.values)
+            else:  # bfloat16, summed in fp32 from its bits
+                _segment_sum_bf16(np.ascontiguousarray(src).view(np.uint16), self.order, self.starts, self.values)
         return self.values
 
     def index_for(self, first: int, end: int) -> np.ndarray:

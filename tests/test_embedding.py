@@ -1,0 +1,41 @@
+"""Host-side embedding lookup and gradient against plain numpy indexing."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from slidejax.embedding import RowGradient, gather_rows
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_gather_rows_over_row_blocks(dtype):
+    rng = np.random.default_rng()
+    vocab, hidden = 257, 24
+    table = rng.standard_normal((vocab, hidden)).astype(dtype)
+    cuts = [0, 100, 101, vocab]  # uneven blocks, one of a single row
+    blocks = [(a, table[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+    ids = rng.integers(0, vocab, (3, 11))
+    out = np.full((3, 11, hidden), np.nan, dtype)
+    gather_rows(blocks, ids, out.reshape(-1))
+    np.testing.assert_array_equal(out.astype(np.float32), table[ids].astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_row_gradient_sums_per_token(dtype):
+    rng = np.random.default_rng()
+    vocab, hidden = 97, 16
+    ids = rng.integers(0, vocab, (2, 3, 9))
+    grads = [rng.standard_normal((3, 9, hidden)).astype(dtype) for _ in range(2)]
+    rg = RowGradient(ids)
+    values = rg.accumulate(grads)
+    want = np.zeros((vocab, hidden), np.float64)
+    np.add.at(want, ids.reshape(-1), np.concatenate([g.reshape(-1, hidden) for g in grads]).astype(np.float64))
+    np.testing.assert_array_equal(rg.rows, np.unique(ids))
+    np.testing.assert_allclose(values, want[rg.rows], rtol=1e-5, atol=1e-5)
+    assert rg.sq_norm() == pytest.approx(float(np.sum(want ** 2)), rel=1e-5)
+    idx = rg.index_for(40, 80)
+    for r in range(40, 80):
+        k = idx[r - 40]
+        assert (k == -1) == (r not in set(ids.reshape(-1).tolist()))
+        if k >= 0:
+            assert rg.rows[k] == r
