@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from slidejax.config import ModelConfig
-from slidejax.errors import SlidejaxError
+from slidejax.errors import SlidejaxError, writable_dir
 from slidejax.host_memory import HostModel
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
@@ -169,14 +169,7 @@ _WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
 def save_pretrained(host: HostModel, path: str | Path, *, dtype: str = "bfloat16",
                     max_shard_size: int | str = "5GB", tokenizer_dir: str | Path | None = None) -> Path:
     """Write a HF folder transformers loads: config.json, sharded safetensors + index, tokenizer."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".slidejax_write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise SlidejaxError(f"{path}: output folder is not writable ({e.strerror})") from None
+    path = writable_dir(path)
     np_dtype = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float16": np.float16}.get(dtype)
     if np_dtype is None:
         raise SlidejaxError(f"export dtype {dtype!r} is not one of bfloat16, float32, float16")

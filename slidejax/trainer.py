@@ -40,7 +40,7 @@ import optax
 from slidejax.checkpointing import (Checkpointer, find_checkpoint, load_params_tree, optimizer_tree, params_tree,
                                     unnest)
 from slidejax.config import ModelConfig
-from slidejax.errors import SlidejaxError
+from slidejax.errors import SlidejaxError, writable_dir
 from slidejax.metrics import (MetricsLogger, Progress, flops_per_token, format_bytes, gpu_peak_bytes,
                               host_rss_bytes, plot_metrics, read_metrics)
 
@@ -572,13 +572,7 @@ def make_loader(config: TrainConfig, tokenizer: Any, paths: Sequence[str], kind:
 def check_run_dir(run: Path, resuming: bool) -> None:
     """The run directory can be written (created if needed) and, unless resuming, holds no other
     run's checkpoints (which a new run must not overwrite)."""
-    try:
-        run.mkdir(parents=True, exist_ok=True)
-        probe = run / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise SlidejaxError(f"{run}: cannot write the output folder ({e.strerror or e})") from None
+    writable_dir(run)
     ckdir = run / "checkpoints"
     if not resuming and ckdir.is_dir() and any(p.name.isdigit() for p in ckdir.iterdir()):
         raise SlidejaxError(f"{run} already holds checkpoints of another run: resume it (--resume {run}) "

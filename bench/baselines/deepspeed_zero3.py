@@ -152,13 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         notes.append(opt_note)
         if args.gpu_budget:
             notes.append(f"--gpu-budget {args.gpu_budget} ignored")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        sampler.reset_gpu()
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        losses: list[float] = []
-        times = common.time_steps(lambda: losses.append(step()), args.warmup, args.steps, sync)
+        times, losses = hf_llama.time_torch_steps(step, device, sampler, args.warmup, args.steps)
     peaks = sampler.peaks()
     peaks["peak_gpu_allocator_bytes"] = common.torch_allocator_peak_bytes()
     result = common.make_result(

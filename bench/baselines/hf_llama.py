@@ -12,10 +12,12 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench import common  # noqa: E402
 from bench.common import ModelShape  # noqa: E402
 
 # AdamW hyper-parameters of every baseline (and what slidejax should be run with to match).
@@ -103,6 +105,18 @@ def accumulate_clip_step(model, optimizer, batches, clip: float):
         return float(loss.detach())
 
     return step
+
+
+def time_torch_steps(step, device: torch.device, sampler: Any, warmup: int, steps: int) -> tuple[list[float], list[float]]:
+    """(step times, losses): the GPU peaks reset after set-up, each timed step ended by a sync."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    sampler.reset_gpu()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    losses: list[float] = []
+    times = common.time_steps(lambda: losses.append(step()), warmup, steps, sync)
+    return times, losses
 
 
 def random_batches(
