@@ -14,7 +14,6 @@ naming the file, field or line at fault, and a non-zero exit; nothing already sa
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from pathlib import Path

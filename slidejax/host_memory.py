@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+
+if TYPE_CHECKING:
+    from slidejax.config import ModelConfig
 
 _ALIGN = 64
 
@@ -120,11 +123,6 @@ class PinnedBuffer:
         return self.host.shape[0]  # elements (host is the flat view)
 
 
-def iter_chunks(n: int, chunk: int) -> Iterator[tuple[int, int]]:
-    for start in range(0, n, chunk):
-        yield start, min(n, start + chunk)
-
-
 @dataclasses.dataclass
 class Unit:
     """One streamed unit of the model: its layout and fp32 master weights in host memory.
@@ -143,7 +141,7 @@ class Unit:
         return self.layout.views(self.master)
 
 
-def vocab_chunks(cfg: "ModelConfig") -> list[tuple[int, int]]:  # noqa: F821
+def vocab_chunks(cfg: "ModelConfig") -> list[tuple[int, int]]:
     """Row ranges of the vocabulary matrices: balanced blocks of at most one layer's parameters."""
     per_layer = max(cfg.layer_params, cfg.hidden_size)
     n = max(1, -(-cfg.vocab_size * cfg.hidden_size // per_layer))
@@ -158,7 +156,7 @@ class HostModel:
     unless the embeddings are tied (then the head reads the "embed.*" units).
     """
 
-    def __init__(self, cfg: "ModelConfig"):  # noqa: F821
+    def __init__(self, cfg: "ModelConfig"):
         from slidejax.model import layer_template
 
         self.cfg = cfg

@@ -176,10 +176,6 @@ def layer_template(cfg: ModelConfig) -> tuple[nnx.GraphDef, dict[str, tuple[tupl
     return graphdef, {n: (tuple(a.shape), len(a.shape) > 1) for n, a in names.items()}
 
 
-def head_param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    return {"norm.weight": (cfg.hidden_size,)}
-
-
 def init_params(cfg: ModelConfig, seed: int = 0) -> dict[str, Any]:
     """Random fp32 parameters (HF's init: normal(0.02) matrices, unit norms, zero biases).
 
