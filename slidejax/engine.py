@@ -526,7 +526,7 @@ class SlidingEngine:
 
     def _init_resident(self, unit: Unit) -> None:
         layout = unit.layout
-        mask = {n: i < len(layout.names) and layout.offsets[i] < layout.decay_split
+        mask = {n: layout.offsets[i] < layout.decay_split
                 for i, n in enumerate(layout.names)}
         tx = self.opt.to_optax(mask=mask)
         master = jax.device_put(unit.master, self.dev_sharding)
