@@ -26,7 +26,9 @@ def parse_args():
     p.add_argument("--gpu-memory", default="unlimited", help="device memory budget, e.g. 24GB, or unlimited")
     p.add_argument("--resident", action="store_true", help="all state on the GPU (the peak reference)")
     p.add_argument("--prefetch", type=int, default=2, help="layers uploaded ahead")
-    p.add_argument("--resident-layers", type=int, default=0, help="decoder layers kept on the GPU")
+    p.add_argument("--resident-layers", default="0",
+                   help="decoder layers kept on the GPU, or auto (as many as the budget fits)")
+    p.add_argument("--host-threads", type=int, default=None, help="host optimizer threads (default: cores - 1)")
     p.add_argument("--micro-batch-tokens", type=int, default=16384, help="tokens per micro-batch (at most)")
     p.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--moments", default="float32", choices=["float32", "bfloat16"], help="AdamW moment dtype")
@@ -65,23 +67,28 @@ def main() -> None:
         t0 = time.perf_counter()
         host = HostModel(cfg)
         rng = np.random.default_rng(args.seed)
-        # Random weights, cheaply: one layer drawn, the others copies (speed does not depend on
-        # the values); the vocabulary blocks drawn block by block.
+        # Random weights, cheaply: one layer and one vocabulary block drawn, the others copies
+        # (speed does not depend on the values; set-up time is device time).
         first = host.layer_unit(0)
         first.master[:] = 0.02 * rng.standard_normal(first.master.size, dtype=np.float32)
         for i in range(1, cfg.num_layers):
             host.layer_unit(i).master[:] = first.master
-        for u in host.embed_units + host.head_units:
-            u.master[:] = 0.02 * rng.standard_normal(u.master.size, dtype=np.float32)
+        vocab = host.embed_units + host.head_units
+        block = 0.02 * rng.standard_normal(max(u.master.size for u in vocab), dtype=np.float32)
+        for u in vocab:
+            u.master[:] = block[: u.master.size]
         host.units["norm"].master[:] = 1.0
         moments = ml_dtypes.bfloat16 if args.moments == "bfloat16" else np.float32
-        opt = HostAdamW(1e-5, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, moment_dtype=moments)
+        opt = HostAdamW(1e-5, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, moment_dtype=moments,
+                        threads=args.host_threads)
+        rows, micro = common.micro_batching(args.tokens_per_step, args.seq_len, args.micro_batch_tokens)
+        resident = args.resident_layers if args.resident_layers == "auto" else int(args.resident_layers)
         engine = SlidingEngine(host, opt, compute_dtype="bfloat16", prefetch=args.prefetch,
-                               resident_layers=args.layers if args.resident else args.resident_layers,
-                               max_grad_norm=args.clip, gpu_memory=budget, trace=args.trace is not None)
+                               resident_layers=args.layers if args.resident else resident,
+                               max_grad_norm=args.clip, gpu_memory=budget, trace=args.trace is not None,
+                               micro_batch=(rows, args.seq_len))
         setup_s = time.perf_counter() - t0
 
-        rows, micro = common.micro_batching(args.tokens_per_step, args.seq_len, args.micro_batch_tokens)
         seq = args.seq_len
 
         def batch():
@@ -125,7 +132,9 @@ def main() -> None:
         engine.save_trace(args.trace)
     name = "slidejax-resident" if args.resident else f"slidejax-{args.gpu_memory}"
     notes = (f"micro-batches {micro}x{rows}x{seq}, prefetch {args.prefetch}, clip {args.clip}, "
-             f"moments {args.moments}, resident layers {engine.resident_layers}")
+             f"moments {args.moments}, resident layers {engine.resident_layers}"
+             + (" (auto)" if args.resident_layers == "auto" and not args.resident else "")
+             + (f", host threads {opt.threads}" if args.host_threads else ""))
     plan = engine.plan_memory((rows, seq)) if not args.tiny else {}
     result = common.make_result(system=name, shape=shape, layers=args.layers, seq_len=seq,
                                 tokens_per_step=args.tokens_per_step, step_times=times, peaks=peaks,

@@ -39,13 +39,16 @@ from bench.common import GB, LLAMA31_8B, TINY, check_result  # noqa: E402
 
 # name -> the runner script (relative to the repository) and its fixed arguments.
 SYSTEMS: dict[str, list[str]] = {
-    "slidejax": ["bench/bench_engine.py", "--gpu-memory", "unlimited"],
-    "slidejax24": ["bench/bench_engine.py", "--gpu-memory", "24GB"],
+    # The planner keeps as many layers resident as the budget (or the whole GPU) fits.
+    "slidejax": ["bench/bench_engine.py", "--gpu-memory", "24GB", "--resident-layers", "auto"],
+    "slidejax-unlimited": ["bench/bench_engine.py", "--gpu-memory", "unlimited", "--resident-layers", "auto"],
+    # Every layer streamed, same budget: the sliding window alone.
+    "streamed": ["bench/bench_engine.py", "--gpu-memory", "24GB", "--resident-layers", "0"],
     "resident": ["bench/bench_engine.py", "--resident"],
     "deepspeed": ["bench/baselines/deepspeed_zero3.py"],
     "fsdp2": ["bench/baselines/fsdp2_offload.py"],
 }
-REFERENCE = "slidejax"  # the system every ratio is taken against
+REFERENCE = "slidejax"  # the system every ratio is taken against: 24 GB budget
 
 
 @dataclass
@@ -193,7 +196,7 @@ def host_peak(summary: dict[str, Any]) -> int:
 
 
 def table_rows(cells: list[Cell]) -> list[list[str]]:
-    """The table's rows: one per (system, tokens per step), ratios against slidejax."""
+    """The table's rows: one per (system, tokens per step), ratios against REFERENCE."""
     ref = {c.tokens: c.summary() for c in cells if c.system == REFERENCE}
     rows = []
     for cell in cells:
@@ -242,7 +245,7 @@ def markdown(rows: list[list[str]], meta: dict[str, Any]) -> str:
         "- TFLOP/s: (6 N + 6 L S heads head_dim) x tokens/s, N = decoder layers + final norm "
         "+ lm_head (bench/common.py); GPU GB: device memory in use (NVML) over the training "
         "steps; host RSS GB: peak RSS of the process tree; host used GB: peak drop of the "
-        "system's available memory; ratios are system / slidejax (host: the larger of RSS and "
+        "system's available memory; ratios are system / " + REFERENCE + " (host: the larger of RSS and "
         "used)",
         "",
         "| " + " | ".join(HEADER) + " |",
@@ -348,7 +351,7 @@ def report(cells: list[Cell], out_dir: Path, meta: dict[str, Any], final: bool) 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--systems", default="slidejax,slidejax24,resident,deepspeed,fsdp2",
+    p.add_argument("--systems", default="slidejax,streamed,resident,deepspeed,fsdp2",
                    help=f"comma-separated, from {','.join(SYSTEMS)}")
     p.add_argument("--layers", type=int, default=16, help="decoder layers of the 8B shape")
     p.add_argument("--tokens", default="16384,65536", help="tokens per step, comma-separated")

@@ -1,10 +1,13 @@
 """Fused linear + cross-entropy: public API, implementation dispatch and the custom VJP.
 
-Two ways in:
+Three ways in:
 
 * :func:`linear_cross_entropy` takes the whole ``[V, H]`` head matrix and is differentiable. Like
   Liger-Kernel it produces the logits gradient in forward, chunk by chunk over tokens, so ``dh``
   and ``dw`` are ready when forward ends and backward only scales them by the cotangent.
+* :func:`lce_fused_accumulate` is the same computation for an engine that keeps an fp32 weight
+  gradient across micro-batches: it returns ``dh`` and adds ``dw`` into the caller's (donated)
+  fp32 accumulator, so no second ``[V, H]`` buffer and no rounding of ``dw`` ever exist.
 * :func:`lce_chunk_stats` / :func:`lce_chunk_grads` work on one vocabulary chunk ``w[v0:v0+Vc]``
   at a time, for an engine that streams the head matrix: pass 1 merges each chunk's statistics
   with :func:`combine_stats`, pass 2 asks each chunk for its share of the gradient given the full
@@ -37,6 +40,7 @@ __all__ = [
     "init_stats",
     "lce_chunk_grads",
     "lce_chunk_stats",
+    "lce_fused_accumulate",
     "linear_cross_entropy",
     "loss_from_stats",
     "lse_from_stats",
@@ -151,6 +155,47 @@ def linear_cross_entropy(
                 float(z_loss), resolve_impl(impl), chunk_size)
 
 
+def lce_fused_accumulate(
+    h: jax.Array,
+    w: jax.Array,
+    labels: jax.Array,
+    dw_acc: jax.Array | None = None,
+    *,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Loss, ``dh`` and ``dw_acc + dw`` of one micro-batch, for an engine accumulating the head
+    gradient in fp32 over micro-batches.
+
+    Same loss and chunked computation as :func:`linear_cross_entropy` (arguments alike), but the
+    gradients are plain outputs rather than a VJP, and the weight gradient is added in fp32 to
+    ``dw_acc`` inside the token loop: no separate fp32 accumulator, no rounding to ``w.dtype``.
+    Donate ``dw_acc`` in the caller's jit (``donate_argnums``) so XLA updates it in place.
+
+    Args:
+      dw_acc: f32 [V, H] or [V * H], the weight gradient so far; None starts from zero.
+
+    Returns:
+      ``(loss_sum f32[], n_valid int32[], dh, dw)``: ``dh`` [N, H] in ``h.dtype`` is the gradient
+      of ``loss_sum`` w.r.t. ``h`` (each row rounded once from fp32, exactly as the
+      ``linear_cross_entropy`` VJP gives it); ``dw`` is ``dw_acc`` plus the gradient of ``loss_sum``
+      w.r.t. ``w``, f32, in ``dw_acc``'s shape ([V, H] when None). Calls on consecutive
+      micro-batches, each passing the previous ``dw``, give the ``dw`` of one call on all of them.
+
+    Not itself differentiable (it returns gradients). Extra device memory beyond its inputs and
+    outputs: one fp32 ``[chunk, V]`` logits block and its gradient in the inputs' dtype, plus a
+    ``[chunk, H]`` GEMM output.
+    """
+    _check(h, w, labels, softcap)
+    return lce_jax.fused_accumulate(
+        h, w, labels, dw_acc, ignore_index=int(ignore_index),
+        softcap=None if softcap is None else float(softcap), z_loss=float(z_loss),
+        chunk_size=chunk_size, ops=_ops(impl))
+
+
 # --------------------------------------------------------------------------- vocab-chunk API
 
 def lce_chunk_stats(
@@ -188,6 +233,8 @@ def lce_chunk_grads(
     z_loss: float = 0.0,
     impl: str = "auto",
     chunk_size: int | None = None,
+    dh_acc: jax.Array | None = None,
+    dw_acc: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """One vocabulary chunk's share of the gradient of ``sum_i row_scale[i] * loss_i``.
 
@@ -195,8 +242,13 @@ def lce_chunk_grads(
     chunks) and ``row_scale`` f32 [N] weights each token (0 for ignored tokens, e.g.
     ``valid / n_valid_total`` for a mean). Returns ``(dh f32 [N, H], dw_chunk f32 [Vc, H])``:
     summing ``dh`` over chunks and concatenating the ``dw_chunk`` gives the full gradient.
+
+    ``dh_acc`` (f32 [N, H]) and ``dw_acc`` (f32 [Vc, H] or [Vc * H]), when given, are what the
+    share is added to, in the token loop itself, and the results keep their shapes: donate them
+    in the caller's jit and XLA updates them in place (no second buffer, no separate add).
     """
     _check(h, w_chunk, labels, softcap)
     return lce_jax.chunk_grads(h, w_chunk, labels, vocab_start, lse, row_scale,
                                softcap=None if softcap is None else float(softcap),
-                               z_loss=float(z_loss), chunk_size=chunk_size, ops=_ops(impl))
+                               z_loss=float(z_loss), chunk_size=chunk_size, ops=_ops(impl),
+                               dh_acc=dh_acc, dw_acc=dw_acc)

@@ -133,19 +133,28 @@ def choose_chunk(n_rows: int, n_cols: int, chunk_size: int | None = None) -> int
     return max(1, min(chunk_size, n_rows))
 
 
-def _split_rows(x: jax.Array, chunk: int, fill) -> jax.Array:
-    """[n, ...] -> [n_chunks, chunk, ...], padding the last chunk with ``fill`` (no copy when
-    ``chunk`` divides ``n``)."""
-    n = x.shape[0]
-    pad = -n % chunk
-    if pad:
-        x = jnp.concatenate([x, jnp.full((pad,) + x.shape[1:], fill, x.dtype)])
-    return x.reshape((-1, chunk) + x.shape[1:])
+def _over_chunks(n: int, chunk: int, step: Callable, carry):
+    """``carry = step(carry, start, size)`` for consecutive row ranges covering ``[0, n)``.
+
+    A ``fori_loop`` over the ``n // chunk`` full chunks (traced ``start``, static ``size``), then
+    one more call for the remainder, if any. Inputs are sliced and outputs written in place with
+    dynamic slices, so an ``n`` that ``chunk`` does not divide costs no padded copy of ``h`` and no
+    sliced copy of ``dh``.
+    """
+    n_full, tail = divmod(n, chunk)
+    if n_full:
+        carry = lax.fori_loop(0, n_full, lambda i, c: step(c, i * chunk, chunk), carry)
+    if tail:
+        carry = step(carry, n_full * chunk, tail)
+    return carry
 
 
-def _merge_rows(x: jax.Array, n: int) -> jax.Array:
-    """Inverse of :func:`_split_rows`."""
-    return x.reshape((-1,) + x.shape[2:])[:n]
+def _rows(x: jax.Array, start, size: int) -> jax.Array:
+    return lax.dynamic_slice_in_dim(x, start, size)
+
+
+def _put_rows(buf: jax.Array, x: jax.Array, start) -> jax.Array:
+    return lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), start, 0)
 
 
 def _precision(*arrays: jax.Array):
@@ -169,6 +178,17 @@ def _block_logits(h_chunk: jax.Array, w: jax.Array) -> jax.Array:
 
 # --------------------------------------------------------------------------- drivers
 
+def _accumulator(acc: jax.Array | None, shape: tuple[int, int], name: str) -> jax.Array:
+    """``acc`` viewed as fp32 ``shape`` (it may also be flat), or fresh zeros when None."""
+    if acc is None:
+        return jnp.zeros(shape, jnp.float32)
+    size = shape[0] * shape[1]
+    if acc.dtype != jnp.float32 or acc.shape not in (shape, (size,)):
+        raise ValueError(f"{name} must be float32 of shape {shape} or ({size},), got "
+                         f"{acc.dtype} {acc.shape}")
+    return acc.reshape(shape)
+
+
 def chunk_stats(
     h: jax.Array,
     w_chunk: jax.Array,
@@ -182,16 +202,15 @@ def chunk_stats(
     """Statistics of ``softcap(h @ w_chunk.T)`` per token, chunked over tokens (see
     :func:`slidejax.kernels.lce_chunk_stats`)."""
     n, vc = h.shape[0], w_chunk.shape[0]
-    chunk = choose_chunk(n, vc, chunk_size)
     local = (labels - vocab_start).astype(jnp.int32)
-    xs = (_split_rows(h, chunk, 0), _split_rows(local, chunk, -1))
 
-    def body(_, x):
-        h_c, y_c = x
-        return None, ops.stats(_block_logits(h_c, w_chunk), y_c, softcap)
+    def step(acc, start, size):
+        block = ops.stats(_block_logits(_rows(h, start, size), w_chunk), _rows(local, start, size),
+                          softcap)
+        return tuple(_put_rows(buf, x, start) for buf, x in zip(acc, block))
 
-    _, (m, s, t) = lax.scan(body, None, xs)
-    return _merge_rows(m, n), _merge_rows(s, n), _merge_rows(t, n)
+    acc = tuple(jnp.zeros((n,), jnp.float32) for _ in range(3))
+    return _over_chunks(n, choose_chunk(n, vc, chunk_size), step, acc)
 
 
 def chunk_grads(
@@ -206,26 +225,32 @@ def chunk_grads(
     z_loss: float = 0.0,
     chunk_size: int | None = None,
     ops: BlockOps = JAX_OPS,
+    dh_acc: jax.Array | None = None,
+    dw_acc: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """This vocabulary chunk's share of the gradient of ``sum_i row_scale[i] * loss_i``:
-    ``(dh f32 [N, H], dw_chunk f32 [Vc, H])`` (see :func:`slidejax.kernels.lce_chunk_grads`)."""
+    """This vocabulary chunk's share of the gradient of ``sum_i row_scale[i] * loss_i``, added to
+    ``dh_acc`` f32 [N, H] and ``dw_acc`` f32 [Vc, H] (or [Vc * H]; zeros when None), returned in
+    their shapes (see :func:`slidejax.kernels.lce_chunk_grads`)."""
     n, vc = h.shape[0], w_chunk.shape[0]
-    chunk = choose_chunk(n, vc, chunk_size)
     g_dtype = jnp.promote_types(h.dtype, w_chunk.dtype)
     local = (labels - vocab_start).astype(jnp.int32)
-    xs = (_split_rows(h, chunk, 0), _split_rows(local, chunk, -1),
-          _split_rows(lse.astype(jnp.float32), chunk, 0),
-          _split_rows(row_scale.astype(jnp.float32), chunk, 0))
+    lse, row_scale = lse.astype(jnp.float32), row_scale.astype(jnp.float32)
+    dh0 = _accumulator(dh_acc, h.shape, "dh_acc")
+    dw0 = _accumulator(dw_acc, (vc, h.shape[1]), "dw_acc")
 
-    def body(dw, x):
-        h_c, y_c, lse_c, scale_c = x
-        g = ops.grads(_block_logits(h_c, w_chunk), y_c, lse_c, scale_c, softcap, z_loss, g_dtype)
+    def step(acc, start, size):
+        dh, dw = acc
+        h_c = _rows(h, start, size)
+        g = ops.grads(_block_logits(h_c, w_chunk), _rows(local, start, size),
+                      _rows(lse, start, size), _rows(row_scale, start, size), softcap, z_loss,
+                      g_dtype)
         dw = dw + _matmul(g, h_c, (0, 0))  # [chunk, Vc] x [chunk, H] -> [Vc, H]
-        return dw, _matmul(g, w_chunk, (1, 0))  # [chunk, Vc] x [Vc, H] -> [chunk, H]
+        dh_c = _matmul(g, w_chunk, (1, 0))  # [chunk, Vc] x [Vc, H] -> [chunk, H]
+        return _put_rows(dh, _rows(dh, start, size) + dh_c, start), dw
 
-    dw0 = jnp.zeros((vc, h.shape[1]), jnp.float32)
-    dw, dh = lax.scan(body, dw0, xs)
-    return _merge_rows(dh, n), dw
+    dh, dw = _over_chunks(n, choose_chunk(n, vc, chunk_size), step, (dh0, dw0))
+    return (dh if dh_acc is None else dh.reshape(dh_acc.shape),
+            dw if dw_acc is None else dw.reshape(dw_acc.shape))
 
 
 def fused_loss(
@@ -245,6 +270,53 @@ def fused_loss(
                            z_loss=z_loss)
 
 
+def fused_accumulate(
+    h: jax.Array,
+    w: jax.Array,
+    labels: jax.Array,
+    dw_acc: jax.Array | None = None,
+    *,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+    ops: BlockOps = JAX_OPS,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Loss and gradients in one pass over token chunks (Liger's design), ``dw`` accumulated in
+    fp32 straight into ``dw_acc``.
+
+    Per chunk: the fp32 logits block by XLA, row statistics, the logits gradient ``g`` (in the
+    inputs' dtype, so the two gradient GEMMs run at bf16 speed in training), ``dh_chunk = g @ w``
+    written into its rows of ``dh`` and ``dw += g.T @ h_chunk`` into the fp32 accumulator, which
+    is the loop's carry: with ``dw_acc`` donated by the caller's jit, XLA updates it in place.
+    Returns ``(loss_sum, n_valid, dh in h.dtype [N, H], dw_acc + dw in dw_acc's shape, or f32
+    [V, H] when dw_acc is None)``, the gradients being those of ``loss_sum``.
+    """
+    n, v = h.shape[0], w.shape[0]
+    g_dtype = jnp.promote_types(h.dtype, w.dtype)
+    labels = labels.astype(jnp.int32)
+    dw0 = _accumulator(dw_acc, w.shape, "dw_acc")
+
+    def step(acc, start, size):
+        loss, dh, dw = acc
+        h_c, y_c = _rows(h, start, size), _rows(labels, start, size)
+        # Ignored rows get scale 0, which zeroes their gradient row (one-hot term included).
+        scale = (y_c != ignore_index).astype(jnp.float32)
+        logits = _block_logits(h_c, w)
+        m, s, t = ops.stats(logits, y_c, softcap)
+        lse = lse_from_stats(m, s)
+        g = ops.grads(logits, y_c, lse, scale, softcap, z_loss, g_dtype)
+        dw = dw + _matmul(g, h_c, (0, 0))
+        dh = _put_rows(dh, _matmul(g, w, (1, 0)), start)
+        part, _ = loss_from_stats(lse, t, y_c, ignore_index=ignore_index, z_loss=z_loss)
+        return loss + part, dh, dw
+
+    acc = (jnp.zeros((), jnp.float32), jnp.zeros_like(h), dw0)
+    loss_sum, dh, dw = _over_chunks(n, choose_chunk(n, v, chunk_size), step, acc)
+    n_valid = jnp.sum(labels != ignore_index, dtype=jnp.int32)
+    return loss_sum, n_valid, dh, dw if dw_acc is None else dw.reshape(dw_acc.shape)
+
+
 def fused_forward(
     h: jax.Array,
     w: jax.Array,
@@ -256,33 +328,9 @@ def fused_forward(
     chunk_size: int | None = None,
     ops: BlockOps = JAX_OPS,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Loss and gradients in one pass over token chunks (Liger's design).
-
-    Per chunk: logits block by XLA, row statistics, the logits gradient (in the inputs' dtype, so
-    the two gradient GEMMs run at bf16 speed in training), ``dh_chunk = g @ w`` and
-    ``dw += g.T @ h_chunk`` (fp32). Returns ``(loss_sum, n_valid, dh, dw)``: the gradients of
-    ``loss_sum``, ``dh`` in ``h.dtype`` and ``dw`` in ``w.dtype``.
-    """
-    n, v = h.shape[0], w.shape[0]
-    chunk = choose_chunk(n, v, chunk_size)
-    g_dtype = jnp.promote_types(h.dtype, w.dtype)
-    # Ignored rows get scale 0, which zeroes their gradient row (one-hot term included).
-    scale = (labels != ignore_index).astype(jnp.float32)
-    xs = (_split_rows(h, chunk, 0), _split_rows(labels.astype(jnp.int32), chunk, -1),
-          _split_rows(scale, chunk, 0))
-
-    def body(dw, x):
-        h_c, y_c, scale_c = x
-        logits = _block_logits(h_c, w)
-        m, s, t = ops.stats(logits, y_c, softcap)
-        lse = lse_from_stats(m, s)
-        g = ops.grads(logits, y_c, lse, scale_c, softcap, z_loss, g_dtype)
-        dw = dw + _matmul(g, h_c, (0, 0))
-        dh = _matmul(g, w, (1, 0)).astype(h.dtype)
-        return dw, (dh, lse, t)
-
-    dw0 = jnp.zeros(w.shape, jnp.float32)
-    dw, (dh, lse, t) = lax.scan(body, dw0, xs)
-    loss_sum, n_valid = loss_from_stats(_merge_rows(lse, n), _merge_rows(t, n), labels,
-                                        ignore_index=ignore_index, z_loss=z_loss)
-    return loss_sum, n_valid, _merge_rows(dh, n), dw.astype(w.dtype)
+    """:func:`fused_accumulate` from zero, ``dw`` rounded to ``w.dtype``: ``(loss_sum, n_valid,
+    dh, dw)`` for the custom VJP of ``linear_cross_entropy``."""
+    loss_sum, n_valid, dh, dw = fused_accumulate(
+        h, w, labels, None, ignore_index=ignore_index, softcap=softcap, z_loss=z_loss,
+        chunk_size=chunk_size, ops=ops)
+    return loss_sum, n_valid, dh, dw.astype(w.dtype)

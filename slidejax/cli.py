@@ -21,6 +21,16 @@ from typing import Any
 
 from slidejax.errors import SlidejaxError
 
+
+def _count_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
 EXIT_ERROR = 1
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
@@ -81,8 +91,9 @@ _TRAIN_OPTIONS: list[tuple[str, str, dict[str, Any], str]] = [
     ("system", "host_memory", dict(metavar="SIZE"),
      "host RAM budget, e.g. 100GB (default: what is available); checked before loading"),
     ("system", "prefetch", dict(type=int, metavar="K"), "layers uploaded ahead of the one computing (default 2)"),
-    ("system", "resident_layers", dict(type=int, metavar="N"),
-     "decoder layers kept on the GPU with their optimizer state instead of streamed (default 0)"),
+    ("system", "resident_layers", dict(type=_count_or_auto, metavar="N|auto"),
+     "decoder layers kept on the GPU with their optimizer state instead of streamed (default 0; "
+     "auto: as many as --gpu-memory, or the GPU, fits)"),
     ("system", "devices", dict(type=int, metavar="N"),
      "local accelerators for data parallelism; micro-batch rows are split across them (default 1)"),
     ("system", "trace", dict(metavar="FILE"), "write a Chrome/Perfetto trace of the engine's timeline to FILE"),

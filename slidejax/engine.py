@@ -49,7 +49,9 @@ from slidejax import kernels
 from slidejax.config import ModelConfig
 from slidejax.embedding import RowGradient, gather_rows
 from slidejax.errors import SlidejaxError
-from slidejax.host_memory import HostModel, PinnedBuffer, Unit, host_memory_kind, memory_sharding, numpy_dtype
+from slidejax.host_memory import (HostModel, PinnedBuffer, Unit, host_memory_kind, host_view, memory_sharding,
+                                  numpy_dtype)
+from slidejax.host_optimizer import store_compute_copy
 from slidejax.model import LayerFn, rms_norm
 
 IGNORE = -100
@@ -372,7 +374,10 @@ class SlidingEngine:
       resident_layers: keep the last this-many decoder layers' weights and optimizer state on the
         device (updated there by the equivalent optax transformation) instead of streaming them.
         With every layer resident, the embedding, norm and head are resident too: the all-on-GPU
-        reference with the same kernels.
+        reference with the same kernels. "auto": as many as the plan (`plan_memory`) fits in
+        `gpu_memory` (default: the device's capacity) with micro-batches of `micro_batch`; each
+        resident layer is host optimizer work the step no longer waits for.
+      micro_batch: (rows, seq_len) of the micro-batches, for resident_layers="auto".
       max_grad_norm: clip the global gradient norm to this (0 = off), exactly.
       loss_impl: fused linear cross-entropy implementation ("auto", "triton", "jax").
       attention_impl: `jax.nn.dot_product_attention` implementation; default cuDNN flash
@@ -391,7 +396,8 @@ class SlidingEngine:
                  prefetch: int = 2, resident_layers: int = 0, max_grad_norm: float = 0.0,
                  device: jax.Device | None = None, loss_impl: str = "auto",
                  attention_impl: str | None = None, trace: bool = False,
-                 gpu_memory: int | str | None = None, devices: Any = None):
+                 gpu_memory: int | str | None = None, devices: Any = None,
+                 micro_batch: tuple[int, int] | None = None):
         if prefetch < 1:
             raise SlidejaxError(f"prefetch must be >= 1, got {prefetch}")
         cfg = host.cfg
@@ -415,8 +421,6 @@ class SlidingEngine:
             self.act_sharding = NamedSharding(mesh, P("data"), memory_kind="device")  # rows split
             self.act_host_sharding = NamedSharding(mesh, P("data"), memory_kind=host_memory_kind(self.device))
         self.L = cfg.num_layers
-        self.resident_layers = max(0, min(int(resident_layers), self.L))
-        self.all_resident = self.resident_layers == self.L
         self.trace = Trace() if trace else None
         self.worker = HostWorker(self.trace)
         atexit.register(self.worker.stop)
@@ -426,6 +430,12 @@ class SlidingEngine:
         self.step_count = 0
         self.gpu_memory = parse_bytes(gpu_memory)
         self._planned: set[tuple] = set()
+        if resident_layers == "auto":
+            resident_layers = self._auto_resident(micro_batch)
+        elif not isinstance(resident_layers, (int, np.integer)):
+            raise SlidejaxError(f"resident_layers must be a number or 'auto', got {resident_layers!r}")
+        self.resident_layers = max(0, min(int(resident_layers), self.L))
+        self.all_resident = self.resident_layers == self.L
 
         self.resident: set[str] = {f"layers.{i}" for i in range(self.L - self.resident_layers, self.L)}
         if self.all_resident:
@@ -447,11 +457,11 @@ class SlidingEngine:
                 continue
             if name.startswith("embed.") and name not in head_names:
                 buf = np.empty(unit.master.shape, self.np_dtype)  # only gathered from, on the host
-                buf[...] = unit.master.astype(self.np_dtype)
+                store_compute_copy(unit.master, buf)
                 self.upload_buf[name] = buf
             else:
                 pb = PinnedBuffer(unit.master.size, self.np_dtype, self.device)
-                pb.host[...] = unit.master.astype(self.np_dtype)
+                store_compute_copy(unit.master, pb.host)
                 self.upload_buf[name] = pb
             if optimizer is not None:  # None: an inference-only engine
                 self.opt_state[name] = optimizer.init(unit.master.reshape(self._shape(unit)), tree_of=self._tree_of(unit))
@@ -463,25 +473,31 @@ class SlidingEngine:
 
     # ----- device memory plan
 
-    def plan_memory(self, micro_batch: tuple[int, int], segments: bool = False) -> dict[str, int]:
-        """Estimated peak device bytes for micro-batches of `micro_batch` = (rows, seq_len).
+    def plan_memory(self, micro_batch: tuple[int, int], segments: bool = False,
+                    resident_layers: int | None = None) -> dict[str, int]:
+        """Estimated peak device bytes for micro-batches of `micro_batch` = (rows, seq_len), with
+        this engine's resident layers or `resident_layers` of them.
 
-        Independent of the number of layers and of the tokens per step: the window, one unit's
-        fp32 gradient, the compiled backward's working set (from XLA's memory analysis), the
-        head's, and a few boundary activations.
+        Independent of the number of streamed layers and of the tokens per step: the window, one
+        unit's fp32 gradient, the compiled backward's working set (from XLA's memory analysis),
+        the head's, a few boundary activations, and the resident units' weights and state.
         """
         cfg, fns = self.cfg, self.fns
+        r = self.resident_layers if resident_layers is None else resident_layers
         b, s = micro_batch
         H, cd = cfg.hidden_size, self.dtype.itemsize
+        units = self.host.units
+        resident = {f"layers.{i}" for i in range(self.L - r, self.L)} | (set(units) if r == self.L else set())
         chunk_params = max((u.master.size for u in self.host.head_units), default=0)
         unit_params = max(cfg.layer_params, chunk_params)
-        streamed = [n for n in self.host.units if n not in self.resident]
+        head_names = {u.name for u in self.host.head_units}
+        streamed = [n for n in units if n not in resident and (not n.startswith("embed.") or n in head_names)]
         window = (self.prefetch + 1) * unit_params * cd if streamed else 0
-        resident = 0
-        for name in self.resident:
-            n = self.host.units[name].master.size
-            leaves = jax.tree.leaves(self.dev_state[name]["opt"]) if name in self.dev_state else []
-            resident += n * (4 + cd) + sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves)
+        moments = 2 * getattr(self.opt, "moment_dtype", np.dtype(np.float32)).itemsize
+        # master fp32, optimizer moments, compute copy, and the update's new master before the old
+        # one is freed.
+        resident_bytes = sum(units[n].master.size for n in resident) * (4 + moments + cd)
+        resident_bytes += max((units[n].master.size for n in resident), default=0) * 4
         grads = unit_params * (4 + 4 + cd)  # fp32 accumulator, its update, the download copy
 
         def working(fn, *args) -> int:
@@ -501,10 +517,34 @@ class SlidingEngine:
         head = working(fns.grads, x, wc, labels, sd((), jnp.int32), stats[0], sd((b, s, H), jnp.float32),
                        sd((chunk_params,), jnp.float32))
         boundary = 6 * b * s * H * cd + 2 * b * s * H * 4
-        plan = {"window": window, "resident": resident, "gradients": grads, "layer_backward": layer,
+        plan = {"window": window, "resident": resident_bytes, "gradients": grads, "layer_backward": layer,
                 "head": head, "boundaries": boundary}
-        plan["total"] = window + resident + grads + max(layer, head) + boundary
+        plan["total"] = window + resident_bytes + grads + max(layer, head) + boundary
         return plan
+
+    AUTO_MARGIN = 0.9  # of the budget: allocator fragmentation and what the plan does not see
+
+    def _auto_resident(self, micro_batch: tuple[int, int] | None) -> int:
+        """The most resident layers whose plan fits the budget (or the device's capacity)."""
+        budget = self.gpu_memory
+        if budget is None:
+            stats = self.device.memory_stats() or {}
+            budget = stats.get("bytes_limit") if self.device.platform != "cpu" else None
+        if budget is None:
+            return 0  # CPU without a budget: nothing to plan against
+        if micro_batch is None:
+            raise SlidejaxError("resident_layers='auto' needs micro_batch=(rows, seq_len)")
+        rows, seq = micro_batch
+        rows = max(1, rows // len(self.devices))
+        # Layer counts are monotone in memory: bisect the largest that fits.
+        lo, hi = 0, self.L
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.plan_memory((rows, seq), resident_layers=mid)["total"] <= self.AUTO_MARGIN * budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def _check_budget(self, shape: tuple[int, ...], segments: bool) -> None:
         key = (shape[1], shape[2], segments)
@@ -936,7 +976,7 @@ class SlidingEngine:
         state = self.opt_state[name]
 
         def run() -> None:
-            g = np.asarray(grad).reshape(shape)  # waits for the download to land
+            g = host_view(grad).reshape(shape)  # waits for the download to land
             self.opt.update(state, unit.master.reshape(shape), g, upload,
                             decay_split=unit.layout.decay_split, grad_scale=scale)
         self.worker.submit(self._priority(name), f"update {name}", run, self.ready[name])
@@ -954,7 +994,7 @@ class SlidingEngine:
         if self._embed_job is None:
             return 0.0
         rowgrad, dxs = self._embed_job
-        values = rowgrad.accumulate([np.asarray(d) for d in dxs])
+        values = rowgrad.accumulate([host_view(d) for d in dxs])
         if not self.cfg.tie_word_embeddings:
             return rowgrad.sq_norm()
         # Tied: |head + rows|^2 = |head|^2 (already counted) + sum over rows of 2 head.r + r.r
@@ -963,7 +1003,7 @@ class SlidingEngine:
             a, b = u.rows
             sel = (rowgrad.rows >= a) & (rowgrad.rows < b)
             r = values[sel]
-            hg = np.asarray(self._tied_head_grad[u.name]).reshape(b - a, -1)[rowgrad.rows[sel] - a].astype(np.float32)
+            hg = host_view(self._tied_head_grad[u.name]).reshape(b - a, -1)[rowgrad.rows[sel] - a].astype(np.float32)
             extra += float(2.0 * np.vdot(hg, r) + np.vdot(r, r))
         return extra
 
@@ -1008,7 +1048,7 @@ class SlidingEngine:
             def grad_of(u=u, a=a, b=b, args=args) -> tuple[np.ndarray, dict[str, Any]]:
                 if "grad" not in args:
                     if tied:
-                        g = np.asarray(head_grads[u.name]).astype(np.float32).reshape(b - a, -1)
+                        g = host_view(head_grads[u.name]).astype(np.float32).reshape(b - a, -1)
                         sel = (rowgrad.rows >= a) & (rowgrad.rows < b)
                         g[rowgrad.rows[sel] - a] += rowgrad.values[sel]
                         args["grad"], args["kw"] = g, {}
@@ -1117,5 +1157,5 @@ class SlidingEngine:
             else:
                 if name in self.opt_state:
                     self.opt_state[name].load_state_dict(src["opt"])
-                self._upload_view(name).reshape(-1)[...] = unit.master.astype(self.np_dtype)
+                store_compute_copy(unit.master, self._upload_view(name))
         self.step_count = int(state["step"])

@@ -13,8 +13,11 @@ bfloat16 data is handled as uint16 bit patterns (numba has no bfloat16 type): bf
 `sr_noise`), because round-to-nearest of `b2 * v + (1 - b2) * g**2` stalls: with b2 = 0.999 an
 increment is ~1e-3 of v, below bf16's half-ulp (2**-9).
 
-Threading: the work is split into one large contiguous block of spans per thread (`prange` over the
-thread count), so each thread streams its own memory range and the inner loop vectorises. Kernels
+Threading: `prange` over spans (contiguous ranges of a few MB, so each streams memory and the
+inner loop vectorises), handed out to threads *dynamically* in chunks (`launch` sets numba's
+parallel chunk size): a thread that the OS deschedules, which happens whenever the GPU driver's
+threads or the embedding passes want a core, then costs its share of the chunks, not a whole
+static block that every other thread waits for. Kernels
 are compiled lazily per dtype combination (master f32; moments f32 or bf16-bits; gradient f32 or
 bf16-bits; upload f32 or bf16-bits: at most 8) and cached on disk. Numba's `workqueue` threading
 layer is not safe for concurrent launches from several Python threads, so when it is the active
@@ -193,11 +196,10 @@ def adamw_spans(spans, nthreads, decay_split, master, m, v, grad, zeros, upload,
     """Fused AdamW over `spans` (int64 [S, 3]: lo, hi, gstart) of a unit's flat buffers, in place.
 
     Span elements lo + j read the gradient grad[gstart + j], or `zeros[j]` where gstart < 0 (a row
-    with no gradient gets the full update with g = 0, exactly as optax with a dense zero). Thread t
-    takes spans [S t / T, S (t+1) / T): one contiguous block each. Elements below `decay_split` get
+    with no gradient gets the full update with g = 0, exactly as optax with a dense zero). Elements below `decay_split` get
     weight decay. `hp` is the float32 tuple (1-b1, b1, 1-b2, b2, bc1, bc2, eps_root, eps, wd, -lr,
     grad_scale) (a tuple is a value: no aliasing doubt keeps its loads in the loop), `key` the
-    stochastic-rounding key of bf16 v.
+    stochastic-rounding key of bf16 v. `nthreads` is unused here (`launch` sets the thread count).
 
     Per element, in optax.adamw's order of operations, with bc = 1 - b**count in float32:
     mu = (1-b1) g + b1 m; nu = (1-b2) g^2 + b2 v; u = (mu / bc1) / (sqrt(nu / bc2 + eps_root) + eps);
@@ -205,44 +207,42 @@ def adamw_spans(spans, nthreads, decay_split, master, m, v, grad, zeros, upload,
     by the scalar bc into a product with 1/bc: it does for a one-leaf pytree, not for several.)
     """
     c1, b1, c2, b2, bc1, bc2, eps_root, eps, wd, neg_lr, scale = hp
-    ns = spans.shape[0]
-    for t in prange(nthreads):
-        for s in range(ns * t // nthreads, ns * (t + 1) // nthreads):
-            lo = spans[s, 0]
-            hi = spans[s, 1]
-            gstart = spans[s, 2]
-            k = hi - lo
-            jd = min(max(decay_split - lo, 0), k)
-            # Slices, so the loop index is a plain 0..k-1 counter: numba's negative-index
-            # wraparound then folds away and the loop vectorises (with a computed index it does not).
-            p_ = master[lo:hi]
-            m_ = m[lo:hi]
-            v_ = v[lo:hi]
-            g_ = grad[gstart : gstart + k] if gstart >= 0 else zeros[:k]
-            u_ = upload[lo:hi] if write_upload else upload[:0]
-            for j in range(k):
-                g = _to_f32(g_[j]) * scale
-                p0 = p_[j]
-                mu = c1 * g + b1 * _to_f32(m_[j])
-                nu = c2 * (g * g) + b2 * _to_f32(v_[j])
-                u = (mu / bc1) / (np.sqrt(nu / bc2 + eps_root) + eps)
-                u = u + wd * p0 if j < jd else u
-                p = p0 + neg_lr * u
-                p_[j] = p
-                m_[j] = _rne_like(mu, m_)
-                v_[j] = _sr_like(nu, key, p0, g, v_)
-                if write_upload:
-                    u_[j] = _rne_like(p, u_)
+    for s in prange(spans.shape[0]):
+        lo = spans[s, 0]
+        hi = spans[s, 1]
+        gstart = spans[s, 2]
+        k = hi - lo
+        jd = min(max(decay_split - lo, 0), k)
+        # Slices, so the loop index is a plain 0..k-1 counter: numba's negative-index
+        # wraparound then folds away and the loop vectorises (with a computed index it does not).
+        p_ = master[lo:hi]
+        m_ = m[lo:hi]
+        v_ = v[lo:hi]
+        g_ = grad[gstart : gstart + k] if gstart >= 0 else zeros[:k]
+        u_ = upload[lo:hi] if write_upload else upload[:0]
+        for j in range(k):
+            g = _to_f32(g_[j]) * scale
+            p0 = p_[j]
+            mu = c1 * g + b1 * _to_f32(m_[j])
+            nu = c2 * (g * g) + b2 * _to_f32(v_[j])
+            u = (mu / bc1) / (np.sqrt(nu / bc2 + eps_root) + eps)
+            u = u + wd * p0 if j < jd else u
+            p = p0 + neg_lr * u
+            p_[j] = p
+            m_[j] = _rne_like(mu, m_)
+            v_[j] = _sr_like(nu, key, p0, g, v_)
+            if write_upload:
+                u_[j] = _rne_like(p, u_)
 
 
 @njit(parallel=True, **_OPTS)
-def store_params(src, nthreads, master, upload, write_upload):
+def store_params(src, nchunks, master, upload, write_upload):
     """master[:] = src and upload[:] = compute-dtype copy of src (round-to-nearest-even for bf16),
-    in one pass split into one contiguous block per thread (the generic optax path's write-back)."""
+    in one pass over `nchunks` contiguous chunks (the generic optax path's write-back)."""
     n = src.shape[0]
-    for t in prange(nthreads):
-        lo = n * t // nthreads
-        hi = n * (t + 1) // nthreads
+    for t in prange(nchunks):
+        lo = n * t // nchunks
+        hi = n * (t + 1) // nchunks
         s_ = src[lo:hi]
         p_ = master[lo:hi]
         u_ = upload[lo:hi] if write_upload else upload[:0]
@@ -272,21 +272,33 @@ def _serialised() -> bool:
     return _needs_lock
 
 
+CHUNKS_PER_THREAD = 8  # dynamic scheduling granularity: enough to absorb a descheduled thread
+
+
 def launch(kernel, nthreads: int, *args) -> None:
     """Run a parallel kernel (`adamw_spans` or `store_params`) on `nthreads` threads.
 
-    Sets the calling thread's numba thread count to `nthreads` first (numba's setting is per
-    calling thread, so concurrent callers do not disturb each other; it is left set, and only
-    changed when it differs: setting it costs tens of microseconds), and runs under a lock when
-    the threading layer is 'workqueue'. `kernel` is called as kernel(args[0], nthreads, *args[1:]).
+    Sets the calling thread's numba thread count to `nthreads` (numba's setting is per calling
+    thread, so concurrent callers do not disturb each other; it is left set, and only changed when
+    it differs: setting it costs tens of microseconds) and the parallel chunk size so that threads
+    take about `CHUNKS_PER_THREAD` chunks each, dynamically; runs under a lock when the threading
+    layer is 'workqueue'. `kernel` is called as kernel(args[0], n, *args[1:]) where n is the thread
+    count for `adamw_spans` and the chunk count for `store_params`.
     """
     nthreads = max(1, min(int(nthreads), max_threads()))
     serialised = _serialised()
     if getattr(_thread_count, "n", None) != nthreads:
         numba.set_num_threads(nthreads)
         _thread_count.n = nthreads
+    if kernel is store_params:
+        n = max(1, min(nthreads * CHUNKS_PER_THREAD, args[0].shape[0] >> 14))
+        chunk = 1
+    else:
+        n = nthreads
+        chunk = max(1, args[0].shape[0] // (nthreads * CHUNKS_PER_THREAD))
+    numba.set_parallel_chunksize(chunk)
     if serialised:
         with _launch_lock:
-            kernel(args[0], nthreads, *args[1:])
+            kernel(args[0], n, *args[1:])
     else:
-        kernel(args[0], nthreads, *args[1:])
+        kernel(args[0], n, *args[1:])

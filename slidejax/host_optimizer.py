@@ -85,7 +85,7 @@ PyTree = Any
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F32 = np.dtype(np.float32)
 _ALIGN = 64
-_MIN_BLOCK = 1 << 14  # elements per thread below which extra threads cost more than they save
+_MIN_BLOCK = 1 << 14  # elements per block below which more blocks cost more than they save
 
 __all__ = [
     "AdamWState",
@@ -213,6 +213,16 @@ def _kernel_view(a: np.ndarray, readonly: bool = False) -> np.ndarray:
 def _no_upload(like: np.dtype) -> np.ndarray:
     """The kernels' stand-in for upload=None, typed like the run's usual upload (one signature)."""
     return np.zeros(0, np.uint16 if like == BF16 else np.float32)
+
+
+def store_compute_copy(master: np.ndarray, upload: np.ndarray, threads: int | None = None) -> None:
+    """upload[:] = master in upload's dtype (bf16: round to nearest even), multi-threaded: the
+    engine's set-up and restore write every unit's GPU copy this way (a numpy cast runs on one
+    core, minutes for a large model)."""
+    n = master.size
+    p = _flat(master, "master", n, (F32,), writable=True)
+    up = _flat(upload, "upload", n, (BF16, F32), writable=True)
+    fa.launch(fa.store_params, default_threads() if threads is None else threads, p, p, _kernel_view(up), True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,8 +414,9 @@ class HostAdamW:
         return np.stack([lo, lo + cols, gstart], axis=1), rows, flat_grad
 
     def _dense_spans(self, n: int) -> np.ndarray:
-        """One contiguous, 64-byte aligned block per thread."""
-        blocks = max(1, min(self.threads, n // _MIN_BLOCK))
+        """Contiguous, 64-byte aligned blocks, `fa.CHUNKS_PER_THREAD` per thread (handed out
+        dynamically, see `fa.launch`)."""
+        blocks = max(1, min(self.threads * fa.CHUNKS_PER_THREAD, n // _MIN_BLOCK))
         edges = [(n * t // blocks) & ~15 for t in range(blocks)] + [n]
         return np.array([[edges[t], edges[t + 1], edges[t]] for t in range(blocks)], np.int64)
 

@@ -91,7 +91,7 @@ class TrainConfig:
     System
       compute_dtype (auto = bfloat16 on a GPU, float32 on CPU), gpu_memory / host_memory (budgets
       like "24GB"; the run is refused up front when it cannot fit), prefetch (layers uploaded
-      ahead), resident_layers (layers kept on the GPU), devices (local accelerators for data
+      ahead), resident_layers (layers kept on the GPU; "auto": as many as gpu_memory fits), devices (local accelerators for data
       parallelism: each micro-batch's rows are split across them), trace (write a Chrome trace to
       this file).
     """
@@ -130,7 +130,7 @@ class TrainConfig:
     gpu_memory: str | None = None
     host_memory: str | None = None
     prefetch: int = 2
-    resident_layers: int = 0
+    resident_layers: int | str = 0
     devices: int = 1
     trace: str | None = None
 
@@ -203,9 +203,15 @@ class TrainConfig:
             positive(name)
         for name in ("tokens_per_step", "steps", "epochs"):
             positive(name, allow_none=True)
-        for name in ("save_every", "keep_last", "eval_every", "task_examples", "resident_layers", "seed",
+        for name in ("save_every", "keep_last", "eval_every", "task_examples", "seed",
                      "max_grad_norm", "weight_decay", "warmup"):
             positive(name, allow_zero=True)
+        if self.resident_layers != "auto":
+            if isinstance(self.resident_layers, str) and self.resident_layers.isdigit():
+                self.resident_layers = int(self.resident_layers)
+            if not isinstance(self.resident_layers, int):
+                raise SlidejaxError(f"resident_layers must be a number or 'auto', got {self.resident_layers!r}")
+            positive("resident_layers", allow_zero=True)
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise SlidejaxError(f"lr must be a positive number, got {self.lr!r}")
         if self.steps is not None and self.epochs is not None:
@@ -727,6 +733,8 @@ class Trainer:
                                       trace=c.trace is not None)
         if c.gpu_memory is not None:  # only when set: engines without a budget keep working
             kwargs["gpu_memory"] = c.gpu_memory
+        if c.resident_layers == "auto":
+            kwargs["micro_batch"] = (c.micro_batch_size, c.seq_len)
         if c.devices > 1:
             import jax
 

@@ -18,6 +18,7 @@ import pytest
 from slidejax import reference
 from slidejax.config import ModelConfig
 from slidejax.engine import SlidingEngine
+from slidejax.errors import SlidejaxError
 from slidejax.host_memory import HostModel, vocab_chunks
 from slidejax.host_optimizer import HostAdamW, HostOptax
 from slidejax.model import init_params
@@ -139,6 +140,30 @@ def test_resident_layers_mixed_with_streamed():
 
 def test_all_resident_reference_mode():
     run_case(resident=3, M=2, tied=True, vocab=600)
+
+
+def test_auto_resident_layers_fill_the_budget():
+    """resident_layers='auto' picks the most layers whose plan fits the budget, and plans grow
+    with each resident layer by at least its weights and state."""
+    cfg = make_cfg(False, 97, layers=4)
+    host = HostModel(cfg)
+    host.load_tree(init_params(cfg, seed=11))
+    probe = SlidingEngine(host, adamw(), compute_dtype="float32")
+    mb = (2, S)
+    totals = [probe.plan_memory(mb, resident_layers=r)["total"] for r in range(cfg.num_layers + 1)]
+    per_layer = cfg.layer_params * (4 + 8 + 4)
+    assert all(b - a >= per_layer for a, b in zip(totals[:3], totals[1:4])), totals
+    want = int(np.random.default_rng().integers(0, 3))
+    # A budget between the plans of `want` and `want + 1` resident layers.
+    budget = (totals[want] + totals[want + 1]) / 2 / SlidingEngine.AUTO_MARGIN
+    engine = SlidingEngine(host, adamw(), compute_dtype="float32", resident_layers="auto",
+                           gpu_memory=int(budget), micro_batch=mb)
+    assert engine.resident_layers == want
+    assert SlidingEngine(host, adamw(), compute_dtype="float32", resident_layers="auto").resident_layers == 0
+    with pytest.raises(SlidejaxError, match="micro_batch"):
+        SlidingEngine(host, adamw(), compute_dtype="float32", resident_layers="auto", gpu_memory="1GB")
+    with pytest.raises(SlidejaxError, match="resident_layers"):
+        SlidingEngine(host, adamw(), compute_dtype="float32", resident_layers="most")
 
 
 def test_generic_optax_path():

@@ -42,6 +42,12 @@ def test_peak_memory_independent_of_depth_and_tokens(tmp_path):
 def test_budget_is_honoured_and_infeasible_budget_refused(tmp_path):
     result = run_engine(tmp_path, 8, 8192, "--gpu-memory", "3GB")
     assert 0 < result["peak_gpu_allocator_bytes"] <= 3e9
+    # The planner fills the same budget with resident layers, and still stays inside it.
+    auto = run_engine(tmp_path, 8, 8192, "--gpu-memory", "3GB", "--resident-layers", "auto")
+    print(f"budget 3GB: streamed peak {result['peak_gpu_allocator_bytes']}, auto peak "
+          f"{auto['peak_gpu_allocator_bytes']} ({auto['notes']})")
+    assert 0 < auto["peak_gpu_allocator_bytes"] <= 3e9
+    assert "resident layers 0" not in auto["notes"]
     out = tmp_path / "refused.json"
     cmd = [sys.executable, str(ROOT / "bench" / "bench_engine.py"), "--layers", "4", "--hidden", "1024",
            "--seq-len", "2048", "--tokens-per-step", "4096", "--steps", "1", "--warmup", "0",

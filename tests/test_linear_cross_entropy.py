@@ -347,10 +347,16 @@ def _run_here(func: str, env: dict) -> None:
 def _interpreted_ops(block: int):
     """BlockOps running the real Triton kernels in the Triton interpreter (torch CPU tensors)
     through pure_callback, tiles of ``block`` columns so rows span several partial tiles."""
+    import threading
+
     import ml_dtypes
     import torch
 
     from slidejax.kernels import cross_entropy_triton as ct
+
+    # The interpreter patches triton.language globally while a kernel runs, and XLA:CPU may run
+    # independent callbacks (e.g. a tail chunk's stats beside the loop) on two threads at once.
+    lock = threading.Lock()
 
     def stats(logits, labels, softcap):
         rows, cols = logits.shape
@@ -358,8 +364,9 @@ def _interpreted_ops(block: int):
         def host(z, y):
             z, y = torch.tensor(np.asarray(z)), torch.tensor(np.asarray(y))
             m, s, t = (torch.empty(rows) for _ in range(3))
-            ct._stats_kernel[(rows,)](z, y, m, s, t, N_COLS=cols, SOFTCAP=float(softcap or 0.0),
-                                      BLOCK=block)
+            with lock:
+                ct._stats_kernel[(rows,)](z, y, m, s, t, N_COLS=cols,
+                                          SOFTCAP=float(softcap or 0.0), BLOCK=block)
             return m.numpy(), s.numpy(), t.numpy()
 
         out = (jax.ShapeDtypeStruct((rows,), jnp.float32),) * 3
@@ -374,8 +381,10 @@ def _interpreted_ops(block: int):
             args = [torch.tensor(np.asarray(a)) for a in (y, lse, scale)]
             # fp32: overwrite the logits in place, exactly as the aliased GPU call does.
             g = z if out_dtype == jnp.float32 else torch.empty(rows, cols, dtype=torch.bfloat16)
-            ct._grad_kernel[(rows,)](z, *args, g, N_COLS=cols, SOFTCAP=float(softcap or 0.0),
-                                     Z_LOSS=float(z_loss), BLOCK=block)
+            with lock:
+                ct._grad_kernel[(rows,)](z, *args, g, N_COLS=cols,
+                                         SOFTCAP=float(softcap or 0.0), Z_LOSS=float(z_loss),
+                                         BLOCK=block)
             g = g.float().numpy()
             return g if out_dtype == jnp.float32 else g.astype(ml_dtypes.bfloat16)
 
