@@ -3,44 +3,59 @@
     python bench/bench_linear_cross_entropy.py --out runs/lce
 
 Cases: tokens {16K, 64K} x vocab {128256, 151936} x hidden 4096, bf16 h and w, ~10% of the
-labels ignored. Each (case, implementation) runs in a fresh subprocess, so that the device's
-``peak_bytes_in_use`` belongs to that case alone. Implementations:
+labels ignored. Each (case, implementation) runs in a fresh subprocess. Implementations:
 
-* ``triton``: :func:`slidejax.kernels.linear_cross_entropy` with ``impl="triton"``;
-* ``jax``: the same with the pure-JAX twin (``impl="jax"``);
 * ``naive``: what one writes in plain JAX: bf16 logits ``h @ w.T`` upcast to fp32, logsumexp
-  cross-entropy, ``jax.value_and_grad``; skipped (and said so) when XLA's buffer assignment
-  for it exceeds the device's memory.
+  cross-entropy, ``jax.value_and_grad`` (bf16 dh, dw); skipped (and said so) when XLA's buffer
+  assignment for it exceeds the device's memory;
+* ``triton`` / ``jax``: ``jax.value_and_grad`` of :func:`slidejax.kernels.linear_cross_entropy`
+  (bf16 dh, dw) with ``impl="triton"`` / the pure-JAX twin;
+* ``acc-triton`` / ``acc-jax``: :func:`slidejax.kernels.lce_fused_accumulate` adding dw into a
+  donated fp32 [V * H] accumulator (bf16 dh), as the engine uses it: the accumulator is an input
+  that exists before the call and is updated in place, the returned one fed to the next call.
 
-Measured per run, for ``jax.value_and_grad`` (forward + backward, dh and dw) of the summed loss:
+Measured per run:
 
-* ``extra``: ``peak_bytes_in_use`` during the first call minus ``bytes_in_use`` before it (inputs
-  h, w, labels already resident). The returned gradients (bf16 dh and dw) are part of it;
-  ``extra_beyond_grads`` subtracts them, and is what the target (<= 10% of the fp32 N x V
-  logits, ``N * V * 4`` bytes) is checked against. Compilation's own transients (GEMM
-  autotuning) happen before the baseline; if the run does not raise the process's peak above
-  them, the figure is an upper bound and flagged.
-* ``xla_temp``: the scratch bytes XLA's buffer assignment gives the compiled program (exact, static).
-* ``time``: median over ``--repeats`` calls after one warm-up, each ended by a device sync.
+* ``extra``: peak bytes in use during the first call minus bytes in use before it (inputs h, w,
+  labels, and the accumulator for ``acc-*``, resident). The device's ``peak_bytes_in_use`` is a
+  process-wide maximum that compilation (GEMM autotuning) has already raised; so before the call a
+  ballast is allocated that lifts ``bytes_in_use`` to that peak, and the call's own peak then
+  shows on top of it (flagged "upper bound" if the ballast could not be afforded or the peak did
+  not move).
+* ``beyond_io``: ``extra`` minus the bytes of new outputs (XLA's output size minus the donated,
+  aliased bytes): the call's scratch, what the target (<= 10% of the fp32 N x V logits, ``N * V *
+  4`` bytes) is checked against, given also as ``% fp32 logits``.
+* ``xla_*``: XLA's static buffer assignment (temp, argument, output, alias bytes), and its
+  largest buffers (``xla_buffers``, also ``buffers/<case>.txt`` in ``--out``) from the compiler's
+  memory-usage report.
+* ``time``: median of ``--repeats`` calls after ``--warmup`` calls, each ended by a device sync.
 
 Prints a table last; writes ``DIR/results.json`` (everything) and ``DIR/results.md`` (the table
-and the exact command).
+and the exact command). A total ``--budget`` of seconds keeps the run short: cases that would
+start after it are listed as not run.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-IMPLS = ("triton", "jax", "naive")
+IMPLS = ("naive", "acc-triton", "triton", "acc-jax", "jax")
+# Run order: what the targets are judged on first, the twins after, so that a run cut short by
+# the budget still has the essentials.
+FIRST_ROUND = ("naive", "acc-triton", "triton")
 GIB = 2**30
+STEP_NAME = "lce_bench_step"  # the jitted function's name: XLA's module is jit_<STEP_NAME>
 
 
 # --------------------------------------------------------------------------- child: one run
@@ -78,13 +93,58 @@ def naive_xla(h, w, labels, ignore_index: int = -100):
     return jnp.sum(jnp.where(valid, lse - target, 0.0)), jnp.sum(valid, dtype=jnp.int32)
 
 
-def run_case(tokens: int, vocab: int, hidden: int, impl: str, repeats: int,
-             chunk_size: int | None = None) -> dict:
+def make_step(impl: str, chunk_size: int | None = None):
+    """``(jitted step, donate)``: ``step(h, w, labels[, acc]) -> (loss_sum, n_valid, dh, dw)``.
+
+    For ``acc-*`` the step also takes the fp32 accumulator (donated) and its ``dw`` is the updated
+    accumulator; for the others ``dw`` is the bf16 gradient."""
+    import jax
+
+    from slidejax.kernels import lce_fused_accumulate, linear_cross_entropy
+
+    if impl.startswith("acc-"):
+        def lce_bench_step(h, w, labels, acc):
+            return lce_fused_accumulate(h, w, labels, acc, impl=impl[4:], chunk_size=chunk_size)
+
+        return jax.jit(lce_bench_step, donate_argnums=(3,)), True
+
+    if impl == "naive":
+        loss = naive_xla
+    else:
+        def loss(h, w, labels):
+            return linear_cross_entropy(h, w, labels, impl=impl, chunk_size=chunk_size)
+
+    def lce_bench_step(h, w, labels):  # noqa: F811  (one name: it names XLA's module)
+        (total, count), (dh, dw) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+            h, w, labels)
+        return total, count, dh, dw
+
+    return jax.jit(lce_bench_step), False
+
+
+def _xla_dump_env(dump_dir: str) -> str:
+    flags = f"--xla_dump_to={dump_dir} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*{STEP_NAME}.*"
+    return (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+
+
+def _memory_report(dump_dir: str | None) -> tuple[str | None, list[str]]:
+    """The compiler's memory-usage report for the step (last one dumped) and its top lines."""
+    if not dump_dir:
+        return None, []
+    files = sorted(glob.glob(os.path.join(dump_dir, f"*{STEP_NAME}*memory-usage-report.txt")))
+    if not files:
+        return None, []
+    text = Path(files[-1]).read_text()
+    top = [ln.strip() for ln in text.splitlines()[:16] if "(" in ln and ";" in ln]
+    return text, top
+
+
+def run_case(tokens: int, vocab: int, hidden: int, impl: str, repeats: int, warmup: int = 2,
+             chunk_size: int | None = None, dump_dir: str | None = None) -> dict:
     """One (case, implementation) in this process; returns the measurements."""
     import jax
     import jax.numpy as jnp
 
-    from slidejax.kernels import linear_cross_entropy
     from slidejax.kernels.linear_cross_entropy_jax import choose_chunk
 
     dev = jax.devices()[0]
@@ -93,51 +153,74 @@ def run_case(tokens: int, vocab: int, hidden: int, impl: str, repeats: int,
     w = _uniform((vocab, hidden), 2, 1.7 * 3 / hidden**0.5, jnp.bfloat16)  # logits ~ N(0, 9)
     raw = _uniform((tokens,), 3, 1.0, jnp.float32)
     labels = jnp.where(raw < -0.8, -100, ((raw + 1) * 0.5 * (vocab - 1)).astype(jnp.int32))
-    jax.block_until_ready((h, w, labels))
-
-    if impl == "naive":
-        loss = lambda h, w: naive_xla(h, w, labels)  # noqa: E731
-    else:
-        loss = lambda h, w: linear_cross_entropy(h, w, labels, impl=impl,  # noqa: E731
-                                                 chunk_size=chunk_size)
-    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    step, donate = make_step(impl, chunk_size)
+    args = [h, w, labels] + ([jnp.zeros((vocab * hidden,), jnp.float32)] if donate else [])
+    jax.block_until_ready(args)
+    del raw
 
     out: dict = dict(tokens=tokens, vocab=vocab, hidden=hidden, impl=impl, device=dev.device_kind,
                      jax=jax.__version__, logits_fp32_bytes=tokens * vocab * 4,
-                     grads_bytes=(tokens + vocab) * hidden * 2,
                      chunk=None if impl == "naive" else choose_chunk(tokens, vocab, chunk_size))
     t0 = time.perf_counter()
-    compiled = step.lower(h, w).compile()
+    compiled = step.lower(*args).compile()
     out["compile_s"] = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     if ma is not None:
-        out["xla_temp_bytes"] = int(ma.temp_size_in_bytes)
-        out["xla_output_bytes"] = int(ma.output_size_in_bytes)
-    limit = stats().get("bytes_limit")
-    need = out.get("xla_temp_bytes", 0) + out.get("xla_output_bytes", 0)
-    if limit and need > limit - stats().get("bytes_in_use", 0):
+        for k in ("temp", "argument", "output", "alias"):
+            out[f"xla_{k}_bytes"] = int(getattr(ma, f"{k}_size_in_bytes"))
+    report, out["xla_buffers"] = _memory_report(dump_dir)
+    if report is not None:
+        out["xla_memory_report"] = report
+    new_outputs = out.get("xla_output_bytes", 0) - out.get("xla_alias_bytes", 0)
+    need = out.get("xla_temp_bytes", 0) + new_outputs
+    s = stats()
+    limit = s.get("bytes_limit")
+    if limit and need > limit - s.get("bytes_in_use", 0):
         out["skipped"] = (f"needs {need / GIB:.1f} GiB of scratch + outputs, "
                           f"device limit {limit / GIB:.1f} GiB")
         return out
 
+    ballast = None
+    if "peak_bytes_in_use" in s:
+        # Lift bytes_in_use to the compile-time peak so this call's own peak shows above it;
+        # keep 10% + 1 GiB of headroom beyond what XLA says the call needs.
+        room = limit - s["bytes_in_use"] - int(1.1 * need) - GIB
+        gap = s["peak_bytes_in_use"] - s["bytes_in_use"]
+        rows = min(gap, max(room, 0)) // 2**22  # 4 MiB rows: no 2**31-element limit to meet
+        out["ballast_bytes"] = rows * 2**22
+        out["ballast_short"] = gap - rows * 2**22 > 2**22
+        if rows:
+            ballast = jax.block_until_ready(jnp.zeros((rows, 2**20), jnp.uint32))
+
     before = stats()
     t0 = time.perf_counter()
-    (value, count), grads = compiled(h, w)
-    jax.block_until_ready(grads)
+    loss, count, dh, dw = jax.block_until_ready(compiled(*args))
     out["first_call_s"] = time.perf_counter() - t0
     after = stats()
     if "peak_bytes_in_use" in after:
         out["extra_bytes"] = after["peak_bytes_in_use"] - before["bytes_in_use"]
-        out["extra_is_upper_bound"] = after["peak_bytes_in_use"] <= before["peak_bytes_in_use"]
-        out["extra_beyond_grads_bytes"] = out["extra_bytes"] - out["grads_bytes"]
-    out["loss_sum"], out["n_valid"] = float(value), int(count)
+        out["extra_is_upper_bound"] = bool(
+            out.get("ballast_short") or after["peak_bytes_in_use"] <= before["peak_bytes_in_use"])
+        out["beyond_io_bytes"] = out["extra_bytes"] - new_outputs
+    del ballast
+    out["loss_sum"], out["n_valid"] = float(loss), int(count)
+    grads = (dh, dw)
     out["finite"] = bool(all(bool(jnp.all(jnp.isfinite(g.astype(jnp.float32)))) for g in grads))
-    del grads
+    if donate:
+        args[3] = dw  # the donated accumulator is gone; go on from the updated one
+    del loss, count, dh, dw, grads
 
+    def call():
+        res = jax.block_until_ready(compiled(*args))
+        if donate:
+            args[3] = res[3]
+
+    for _ in range(max(warmup - 1, 0)):  # the measured first call was one warm-up
+        call()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(compiled(h, w))
+        call()
         times.append(time.perf_counter() - t0)
     out["times_s"] = times
     out["time_s"] = statistics.median(times)
@@ -146,51 +229,68 @@ def run_case(tokens: int, vocab: int, hidden: int, impl: str, repeats: int,
 
 # --------------------------------------------------------------------------- parent
 
-def _child(case: dict, repeats: int, chunk_size: int | None, timeout: float) -> dict:
+def _child(case: dict, settings: dict, out_dir: Path, timeout: float) -> dict:
     env = dict(os.environ)
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # bytes_limit = the whole device
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
-    cmd = [sys.executable, __file__, "--child", json.dumps({**case, "repeats": repeats,
-                                                                  "chunk_size": chunk_size})]
+    dump_dir = tempfile.mkdtemp(prefix="lce_dump_")
+    env["XLA_FLAGS"] = _xla_dump_env(dump_dir)
+    payload = json.dumps({**case, **settings, "dump_dir": dump_dir})
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", payload]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {**case, "error": f"timed out after {timeout:.0f} s"}
+    finally:
+        shutil.rmtree(dump_dir, ignore_errors=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()
-        err = next((ln for ln in reversed(tail) if "Error" in ln or "error" in ln), tail[-1] if tail else "")
+        err = next((ln for ln in reversed(tail) if "Error" in ln or "error" in ln),
+                   tail[-1] if tail else "")
         if "RESOURCE_EXHAUSTED" in proc.stderr or "out of memory" in proc.stderr.lower():
             err = "out of device memory: " + err[-200:]
         return {**case, "error": err[-400:], "returncode": proc.returncode}
-    return json.loads(lines[-1])
+    result = json.loads(lines[-1])
+    report = result.pop("xla_memory_report", None)
+    if report:
+        (out_dir / "buffers").mkdir(exist_ok=True)
+        name = f"{case['tokens']}x{case['vocab']}_{case['impl']}.txt"
+        (out_dir / "buffers" / name).write_text(report)
+    return result
 
 
-def _fmt_bytes(b) -> str:
+def _gib(b) -> str:
     return "-" if b is None else f"{b / GIB:.2f}"
 
 
 def table(results: list[dict]) -> str:
-    """Markdown table, one row per (case, implementation)."""
-    naive_time = {(r["tokens"], r["vocab"]): r.get("time_s") for r in results if r["impl"] == "naive"}
-    rows = ["| tokens | vocab | impl | chunk | fwd+bwd ms | x naive | extra GiB | beyond grads GiB "
+    """Markdown table, one row per (case, implementation), cases in order, IMPLS order within."""
+    naive_time = {(r["tokens"], r["vocab"]): r.get("time_s") for r in results
+                  if r["impl"] == "naive"}
+    order = {impl: i for i, impl in enumerate(IMPLS)}
+    rows = ["| tokens | vocab | impl | chunk | fwd+bwd ms | x naive | extra GiB | beyond I/O GiB "
             "| % fp32 logits | XLA temp GiB | loss/token | note |",
             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in results:
+    for r in sorted(results, key=lambda r: (r["tokens"], r["vocab"], order.get(r["impl"], 99))):
         t, base = r.get("time_s"), naive_time.get((r["tokens"], r["vocab"]))
-        beyond = r.get("extra_beyond_grads_bytes")
+        beyond = r.get("beyond_io_bytes")
         pct = f"{100 * beyond / (r['tokens'] * r['vocab'] * 4):.1f}" if beyond is not None else "-"
-        note = r.get("error") or r.get("skipped") or ("upper bound" if r.get("extra_is_upper_bound") else "")
+        note = r.get("error") or r.get("skipped") or (
+            "upper bound" if r.get("extra_is_upper_bound") else "")
         if r.get("finite") is False:
             note = "NON-FINITE GRADIENTS " + note
         per_tok = f"{r['loss_sum'] / max(r['n_valid'], 1):.4f}" if "loss_sum" in r else "-"
         rows.append(
             f"| {r['tokens']} | {r['vocab']} | {r['impl']} | {r.get('chunk') or '-'} | "
             f"{'-' if t is None else f'{1e3 * t:.1f}'} | "
-            f"{f'{t / base:.2f}' if t and base else '-'} | {_fmt_bytes(r.get('extra_bytes'))} | "
-            f"{_fmt_bytes(beyond)} | {pct} | {_fmt_bytes(r.get('xla_temp_bytes'))} | {per_tok} | "
-            f"{note} |")
+            f"{f'{t / base:.2f}' if t and base else '-'} | {_gib(r.get('extra_bytes'))} | "
+            f"{_gib(beyond)} | {pct} | {_gib(r.get('xla_temp_bytes'))} | {per_tok} | {note} |")
     return "\n".join(rows)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -200,17 +300,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vocab", default="128256,151936", help="comma-separated vocabulary sizes")
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--impls", default=",".join(IMPLS), help=f"subset of {','.join(IMPLS)}")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per run (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per run (first included)")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per run (median)")
     p.add_argument("--chunk-size", type=int, default=None,
-                   help="tokens per logits block for triton/jax (default: the library's choice)")
-    p.add_argument("--timeout", type=float, default=180, help="seconds per run")
+                   help="tokens per logits block for the fused paths (default: the library's)")
+    p.add_argument("--timeout", type=float, default=120, help="seconds per run at most")
+    p.add_argument("--budget", type=float, default=330,
+                   help="seconds for the whole run: no run starts after it")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.child:
         c = json.loads(args.child)
         print(json.dumps(run_case(c["tokens"], c["vocab"], c["hidden"], c["impl"], c["repeats"],
-                                  c["chunk_size"])))
+                                  c["warmup"], c["chunk_size"], c.get("dump_dir"))))
         return
     if args.out is None:
         p.error("--out DIR is required")
@@ -220,28 +323,38 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python bench/bench_linear_cross_entropy.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    settings = dict(repeats=args.repeats, warmup=args.warmup, chunk_size=args.chunk_size)
 
+    shapes = [(t, v) for t in _ints(args.tokens) for v in _ints(args.vocab)]
+    first = [i for i in impls if i in FIRST_ROUND]
+    runs = [(t, v, i) for t, v in shapes for i in first] + \
+           [(t, v, i) for t, v in shapes for i in impls if i not in FIRST_ROUND]
     results, t_start = [], time.perf_counter()
-    for tokens in (int(x) for x in args.tokens.split(",")):
-        for vocab in (int(x) for x in args.vocab.split(",")):
-            for impl in impls:
-                case = dict(tokens=tokens, vocab=vocab, hidden=args.hidden, impl=impl)
-                t0 = time.perf_counter()
-                r = _child(case, args.repeats, args.chunk_size, args.timeout)
-                r["wall_s"] = time.perf_counter() - t0
-                results.append(r)
-                print(f"[{time.perf_counter() - t_start:6.1f} s] {tokens} x {vocab} {impl}: "
-                      f"{r.get('error') or r.get('skipped') or 'ok'}", flush=True)
-                (args.out / "results.json").write_text(json.dumps(
-                    {"command": command, "results": results}, indent=1))
+    for tokens, vocab, impl in runs:
+        case = dict(tokens=tokens, vocab=vocab, hidden=args.hidden, impl=impl)
+        left = args.budget - (time.perf_counter() - t_start)
+        if left < 10:
+            r = {**case, "skipped": "not run: over the time budget"}
+        else:
+            t0 = time.perf_counter()
+            r = _child(case, settings, args.out, min(args.timeout, left))
+            r["wall_s"] = time.perf_counter() - t0
+        results.append(r)
+        print(f"[{time.perf_counter() - t_start:6.1f} s] {tokens} x {vocab} {impl}: "
+              f"{r.get('error') or r.get('skipped') or 'ok'}", flush=True)
+        (args.out / "results.json").write_text(json.dumps(
+            {"command": command, "results": results}, indent=1))
 
     md = table(results)
     (args.out / "results.md").write_text(
-        f"`{command}`\n\nextra = peak_bytes_in_use during fwd+bwd minus bytes in use before it "
-        f"(inputs resident); beyond grads = extra minus the bf16 dh and dw; % fp32 logits = "
-        f"beyond grads / (N x V x 4). naive = bf16 logits + fp32 log-softmax through "
-        f"jax.value_and_grad.\n\n{md}\n")
-    print(f"\ntotal {time.perf_counter() - t_start:.0f} s; full results in {args.out}/results.json\n")
+        f"`{command}`\n\nextra = peak bytes in use during the first call minus bytes in use "
+        f"before it (inputs resident; compile-time peak lifted by a ballast); beyond I/O = extra "
+        f"minus new (not donated) outputs; % fp32 logits = beyond I/O / (N x V x 4). naive = bf16 "
+        f"logits + fp32 log-softmax through jax.value_and_grad; triton/jax = value_and_grad of "
+        f"linear_cross_entropy (bf16 dh, dw); acc-* = lce_fused_accumulate into a donated fp32 "
+        f"dw accumulator (bf16 dh).\n\n{md}\n")
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s; full results in "
+          f"{args.out}/results.json\n")
     print(md)
 
 

@@ -6,7 +6,9 @@ then sweeps it in ``BLOCK``-wide tiles:
 * ``_stats_kernel``: online max and sum-exp in a single read, plus the target logit;
 * ``_grad_kernel``: given the row's full log-sum-exp, writes the logits gradient (bf16 for bf16
   training, or fp32 over the logits block itself: that in-place write is declared to XLA through
-  ``input_output_aliases``).
+  ``input_output_aliases``);
+* ``_grad_into_kernel``: the same rows written into rows ``ROW0 + row`` of a larger gradient
+  buffer, in place (aliased), so that half-chunk logits blocks fill one chunk's gradient.
 
 Kernel arguments follow jax-triton's convention: input pointers, then output pointers, then the
 compile-time constants as keywords. Importing this module needs ``triton``; launching the kernels
@@ -64,10 +66,10 @@ def _stats_kernel(logits_ptr, labels_ptr, m_ptr, s_ptr, t_ptr,
 
 
 @triton.jit
-def _grad_kernel(logits_ptr, labels_ptr, lse_ptr, scale_ptr, grad_ptr,
-                 N_COLS: tl.constexpr, SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _grad_row(logits_ptr, labels_ptr, lse_ptr, scale_ptr, grad_ptr, row, out_row,
+              N_COLS: tl.constexpr, SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr,
+              BLOCK: tl.constexpr):
+    # Logits row ``row`` -> gradient row ``out_row`` of grad_ptr.
     label = tl.load(labels_ptr + row)
     lse = tl.load(lse_ptr + row)
     scale = tl.load(scale_ptr + row)
@@ -84,7 +86,26 @@ def _grad_kernel(logits_ptr, labels_ptr, lse_ptr, scale_ptr, grad_ptr,
         g = tl.where(cols == label, g - scale, g)
         if SOFTCAP > 0:
             g = g * (1.0 - (z / SOFTCAP) * (z / SOFTCAP))
-        tl.store(grad_ptr + row * N_COLS + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_ptr + out_row * N_COLS + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_kernel(logits_ptr, labels_ptr, lse_ptr, scale_ptr, grad_ptr,
+                 N_COLS: tl.constexpr, SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    _grad_row(logits_ptr, labels_ptr, lse_ptr, scale_ptr, grad_ptr, row, row,
+              N_COLS, SOFTCAP, Z_LOSS, BLOCK)
+
+
+@triton.jit
+def _grad_into_kernel(logits_ptr, labels_ptr, lse_ptr, scale_ptr, buf_ptr, grad_ptr,
+                      N_COLS: tl.constexpr, SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr,
+                      BLOCK: tl.constexpr, ROW0: tl.constexpr):
+    # grad_ptr is buf_ptr (input/output aliased): rows ROW0 + row are written, the others kept.
+    row = tl.program_id(0).to(tl.int64)
+    _grad_row(logits_ptr, labels_ptr, lse_ptr, scale_ptr, grad_ptr, row, row + ROW0,
+              N_COLS, SOFTCAP, Z_LOSS, BLOCK)
 
 
 def launch_config(n_cols: int) -> dict:
@@ -127,4 +148,19 @@ def block_grads(logits: jax.Array, labels: jax.Array, lse: jax.Array, scale: jax
         N_COLS=cols, SOFTCAP=float(softcap or 0.0), Z_LOSS=float(z_loss), **launch_config(cols))
 
 
-TRITON_OPS = BlockOps(stats=block_stats, grads=block_grads)
+def block_grads_into(buf: jax.Array, row0: int, logits: jax.Array, labels: jax.Array,
+                     lse: jax.Array, scale: jax.Array, softcap: float | None,
+                     z_loss: float) -> jax.Array:
+    """Triton version of the twin's ``grads_into`` BlockOp: the kernel writes straight into
+    ``buf`` (declared to XLA as an input/output alias), so no separate gradient block exists."""
+    rows, cols = logits.shape
+    return _triton_call(
+        logits.astype(jnp.float32), labels.astype(jnp.int32), lse.astype(jnp.float32),
+        scale.astype(jnp.float32), buf,
+        kernel=_grad_into_kernel, out_shape=jax.ShapeDtypeStruct(buf.shape, buf.dtype),
+        grid=(rows,), input_output_aliases={4: 0},
+        N_COLS=cols, SOFTCAP=float(softcap or 0.0), Z_LOSS=float(z_loss), ROW0=int(row0),
+        **launch_config(cols))
+
+
+TRITON_OPS = BlockOps(stats=block_stats, grads=block_grads, grads_into=block_grads_into)

@@ -145,10 +145,12 @@ def linear_cross_entropy(
       All accumulation is fp32; under differentiation the logits gradient is rounded to the inputs'
       dtype before the two gradient GEMMs (as in Liger-Kernel).
 
-    Extra device memory: one fp32 ``[chunk, V]`` logits block and its gradient; under
-    differentiation also the fp32 ``[V, H]`` dw accumulator, which at few tokens (``N`` below
-    ~10 ``H``) outweighs the block. An engine that cannot afford it streams ``w`` through
-    :func:`lce_chunk_stats` / :func:`lce_chunk_grads` instead (one extra logits GEMM).
+    Extra device memory: forward only, one fp32 ``[chunk, V]`` logits block; under
+    differentiation one chunk's logits gradient ``[chunk, V]`` (inputs' dtype) and one fp32
+    ``[chunk / 2, V]`` logits block, plus the fp32 ``[V, H]`` dw accumulator, which at few tokens
+    (``N`` below ~10 ``H``) outweighs them. An engine keeping its own fp32 accumulator uses
+    :func:`lce_fused_accumulate` (no second one); one that cannot afford ``[V, H]`` at all streams
+    ``w`` through :func:`lce_chunk_stats` / :func:`lce_chunk_grads` (one extra logits GEMM).
     """
     _check(h, w, labels, softcap)
     return _lce(h, w, labels, int(ignore_index), None if softcap is None else float(softcap),
@@ -186,8 +188,9 @@ def lce_fused_accumulate(
       micro-batches, each passing the previous ``dw``, give the ``dw`` of one call on all of them.
 
     Not itself differentiable (it returns gradients). Extra device memory beyond its inputs and
-    outputs: one fp32 ``[chunk, V]`` logits block and its gradient in the inputs' dtype, plus a
-    ``[chunk, H]`` GEMM output.
+    outputs: one chunk's logits gradient ``[chunk, V]`` in the inputs' dtype and one fp32
+    ``[chunk / 2, V]`` logits block (``4 * chunk * V`` bytes in bf16, 1024 * V * 4 by default:
+    6.25% of the fp32 ``N x V`` logits at N = 16K), plus ``[chunk, H]`` GEMM pieces.
     """
     _check(h, w, labels, softcap)
     return lce_jax.fused_accumulate(

@@ -1,11 +1,13 @@
 """Pure-JAX chunked linear + cross-entropy: the twin of the Triton path, and its shared drivers.
 
 Everything here is chunked over tokens so that at most one ``[chunk, V]`` fp32 logits block (and
-its gradient) is alive at a time. The logits block is always produced by XLA (``h_chunk @ w.T``,
-fp32 accumulation); what is done to it row by row is a :class:`BlockOps`: two functions, the
-row statistics (online max / sum-exp / target logit) and the row gradient. This module holds the
-pure-JAX ``BlockOps`` (:data:`JAX_OPS`); ``cross_entropy_triton`` holds the Triton ones. The
-drivers below take either, so the twin and the Triton path differ only in those two functions.
+its gradient) is alive at a time; the fused pass (:func:`fused_accumulate`) even halves the
+block, keeping one chunk's gradient and one ``[chunk / 2, V]`` fp32 block. The logits are always
+produced by XLA (``h_rows @ w.T``, fp32 accumulation); what is done to them row by row is a
+:class:`BlockOps`: the row statistics (online max / sum-exp / target logit) and the row gradient
+(as a new block, or written into rows of a given buffer). This module holds the pure-JAX
+``BlockOps`` (:data:`JAX_OPS`); ``cross_entropy_triton`` holds the Triton ones. The drivers
+below take either, so the twin and the Triton path differ only in those functions.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# Rows per block: the largest power of two whose fp32 [chunk, V] logits block fits BLOCK_BYTES
+# Rows per chunk: the largest power of two whose fp32 [chunk, V] logits block fits BLOCK_BYTES
 # (a few percent of the full N x V logits at 64K tokens), but at least MIN_CHUNK: the dw GEMM
 # has K = chunk and reads and writes the fp32 [V, H] accumulator once per chunk, i.e. chunk / 4
 # FLOP per byte, which must stay near an H200's ~180 FLOP/byte balance for the GEMM to run at
-# full speed.
+# full speed. (So at 16K tokens the chunk cannot shrink for free: the fused pass halves the
+# logits block instead, see fused_accumulate.)
 BLOCK_BYTES = 512 * 2**20
 MIN_CHUNK = 1024
 
@@ -38,10 +41,14 @@ class BlockOps(NamedTuple):
     grads(logits, labels, lse, scale, softcap, z_loss, out_dtype) -> g [rows, cols]: the gradient
         of ``sum_i scale[i] * loss_i`` w.r.t. the raw logits, given each row's full-vocabulary
         log-sum-exp ``lse``.
+    grads_into(buf, row0, logits, labels, lse, scale, softcap, z_loss) -> buf: the same gradient
+        written into rows ``row0 : row0 + rows`` of ``buf`` [>= row0 + rows, cols] (static
+        ``row0``), in ``buf``'s dtype and in place when ``buf`` is dead afterwards.
     """
 
     stats: Callable[..., Stats]
     grads: Callable[..., jax.Array]
+    grads_into: Callable[..., jax.Array]
 
 
 # --------------------------------------------------------------------------- pure-JAX block ops
@@ -72,7 +79,13 @@ def _jax_block_grads(logits, labels, lse, scale, softcap, z_loss, out_dtype) -> 
     return g.astype(out_dtype)
 
 
-JAX_OPS = BlockOps(stats=_jax_block_stats, grads=_jax_block_grads)
+def _jax_block_grads_into(buf, row0, logits, labels, lse, scale, softcap, z_loss) -> jax.Array:
+    g = _jax_block_grads(logits, labels, lse, scale, softcap, z_loss, buf.dtype)
+    return lax.dynamic_update_slice_in_dim(buf, g, row0, 0)
+
+
+JAX_OPS = BlockOps(stats=_jax_block_stats, grads=_jax_block_grads,
+                   grads_into=_jax_block_grads_into)
 
 
 # --------------------------------------------------------------------------- statistics algebra
@@ -270,6 +283,18 @@ def fused_loss(
                            z_loss=z_loss)
 
 
+def _after(x: jax.Array, dep: jax.Array) -> jax.Array:
+    """``x`` unchanged, but computed after ``dep``: ``x + 0 * dep[0, 0]`` (XLA does not fold a
+    float times zero, which is NaN for an infinite or NaN operand)."""
+    return x + (dep[0, 0].astype(jnp.float32) * 0.0).astype(x.dtype)
+
+
+def _halves(rows: int) -> list[tuple[int, int]]:
+    """``(start, size)`` of the (at most two) logits blocks that make up a chunk of ``rows``."""
+    first = (rows + 1) // 2
+    return [(0, first)] + ([(first, rows - first)] if rows > first else [])
+
+
 def fused_accumulate(
     h: jax.Array,
     w: jax.Array,
@@ -285,10 +310,15 @@ def fused_accumulate(
     """Loss and gradients in one pass over token chunks (Liger's design), ``dw`` accumulated in
     fp32 straight into ``dw_acc``.
 
-    Per chunk: the fp32 logits block by XLA, row statistics, the logits gradient ``g`` (in the
-    inputs' dtype, so the two gradient GEMMs run at bf16 speed in training), ``dh_chunk = g @ w``
-    written into its rows of ``dh`` and ``dw += g.T @ h_chunk`` into the fp32 accumulator, which
-    is the loop's carry: with ``dw_acc`` donated by the caller's jit, XLA updates it in place.
+    Per chunk of ``c`` tokens: the logits gradient ``g`` [c, V] (in the inputs' dtype, so the two
+    gradient GEMMs run at bf16 speed in training) is filled half a chunk at a time, each half from
+    its own fp32 logits block [c/2, V] (XLA GEMM, row statistics, gradient written into its rows
+    of ``g``); then ``dh_chunk = g @ w`` goes into its rows of ``dh`` and ``dw += g.T @ h_chunk``
+    into the fp32 accumulator, which is the loop's carry: with ``dw_acc`` donated by the caller's
+    jit, XLA updates it in place. Halving the logits block keeps the dw GEMM's depth at ``c``
+    (its fp32 read-modify-write of [V, H] needs a deep K to stay compute-bound) while the chunk's
+    working set drops from ``c * V * (4 + 2)`` to ``c * V * (2 + 2)`` bytes (bf16).
+
     Returns ``(loss_sum, n_valid, dh in h.dtype [N, H], dw_acc + dw in dw_acc's shape, or f32
     [V, H] when dw_acc is None)``, the gradients being those of ``loss_sum``.
     """
@@ -296,23 +326,36 @@ def fused_accumulate(
     g_dtype = jnp.promote_types(h.dtype, w.dtype)
     labels = labels.astype(jnp.int32)
     dw0 = _accumulator(dw_acc, w.shape, "dw_acc")
+    chunk = choose_chunk(n, v, chunk_size)
 
     def step(acc, start, size):
-        loss, dh, dw = acc
-        h_c, y_c = _rows(h, start, size), _rows(labels, start, size)
-        # Ignored rows get scale 0, which zeroes their gradient row (one-hot term included).
-        scale = (y_c != ignore_index).astype(jnp.float32)
-        logits = _block_logits(h_c, w)
-        m, s, t = ops.stats(logits, y_c, softcap)
-        lse = lse_from_stats(m, s)
-        g = ops.grads(logits, y_c, lse, scale, softcap, z_loss, g_dtype)
-        dw = dw + _matmul(g, h_c, (0, 0))
+        loss, dh, dw, g = acc
+        if g.shape[0] != size:  # the tail chunk: a buffer of its own size
+            g = jnp.zeros((size, v), g_dtype)
+        for r0, rows in _halves(size):
+            h_r, y_r = _rows(h, start + r0, rows), _rows(labels, start + r0, rows)
+            if r0:
+                # The second logits block waits for the first one's gradient, so the two fp32
+                # blocks are never alive together (XLA drops optimization barriers before it
+                # schedules; a data dependence it must keep).
+                h_r = _after(h_r, g)
+            # Ignored rows get scale 0, which zeroes their gradient row (one-hot term included).
+            scale = (y_r != ignore_index).astype(jnp.float32)
+            logits = _block_logits(h_r, w)
+            m, s, t = ops.stats(logits, y_r, softcap)
+            lse = lse_from_stats(m, s)
+            g = ops.grads_into(g, r0, logits, y_r, lse, scale, softcap, z_loss)
+            part, _ = loss_from_stats(lse, t, y_r, ignore_index=ignore_index, z_loss=z_loss)
+            loss = loss + part
+        h_c = _rows(h, start, size)
+        dw = dw + _matmul(g, h_c, (0, 0))  # [c, V] x [c, H] -> [V, H], added in the GEMM
+        # [c, V] x [V, H]: fp32 out, then rounded: a split-K GEMM (K = V) must not sum
+        # partial products in bf16.
         dh = _put_rows(dh, _matmul(g, w, (1, 0)), start)
-        part, _ = loss_from_stats(lse, t, y_c, ignore_index=ignore_index, z_loss=z_loss)
-        return loss + part, dh, dw
+        return loss, dh, dw, g
 
-    acc = (jnp.zeros((), jnp.float32), jnp.zeros_like(h), dw0)
-    loss_sum, dh, dw = _over_chunks(n, choose_chunk(n, v, chunk_size), step, acc)
+    acc = (jnp.zeros((), jnp.float32), jnp.zeros_like(h), dw0, jnp.zeros((chunk, v), g_dtype))
+    loss_sum, dh, dw, _ = _over_chunks(n, chunk, step, acc)
     n_valid = jnp.sum(labels != ignore_index, dtype=jnp.int32)
     return loss_sum, n_valid, dh, dw if dw_acc is None else dw.reshape(dw_acc.shape)
 

@@ -25,6 +25,7 @@ from slidejax.kernels import (
     init_stats,
     lce_chunk_grads,
     lce_chunk_stats,
+    lce_fused_accumulate,
     linear_cross_entropy,
     loss_from_stats,
     lse_from_stats,
@@ -222,6 +223,151 @@ def test_auto_is_the_twin_without_a_gpu():
     assert resolve_impl("jax") == "jax"
 
 
+# --------------------------------------------------------------------------- accumulate API
+
+def naive_grads(h, w, labels, **kw):
+    """``((loss_sum, n_valid), (dh, dw))`` of the naive reference, fp32."""
+    return value_and_grads(lambda h, w: naive_linear_cross_entropy(h, w, labels, **kw), h, w)
+
+
+def random_acc(shape, scale, seed):
+    """A fresh fp32 accumulator of about the gradient's magnitude (so errors are not hidden)."""
+    return jnp.asarray(np.random.default_rng(seed + 1).standard_normal(shape) * scale, jnp.float32)
+
+
+@pytest.mark.parametrize("name,n,hidden,vocab,chunk,mask_frac,softcap,z_loss", CASES,
+                         ids=[c[0] for c in CASES])
+def test_accumulate_matches_naive(name, n, hidden, vocab, chunk, mask_frac, softcap, z_loss):
+    h, w, labels, seed = make_inputs(n, hidden, vocab, mask_frac=mask_frac)
+    kw = dict(softcap=softcap, z_loss=z_loss)
+    (ref_loss, ref_count), (ref_dh, ref_dw) = naive_grads(h, w, labels, **kw)
+    acc0 = random_acc((vocab * hidden,), float(jnp.max(jnp.abs(ref_dw))), seed)
+    run = jax.jit(lambda h, w, acc: lce_fused_accumulate(h, w, labels, acc, impl="jax",
+                                                          chunk_size=chunk, **kw))
+    for acc in (None, acc0):
+        loss, count, dh, dw = run(h, w, acc)
+        assert int(count) == int(ref_count) and rel_err(loss, ref_loss) < FP32_TOL, seed
+        assert dh.dtype == jnp.float32 and dh.shape == h.shape, seed
+        assert rel_err(dh, ref_dh) < FP32_TOL, seed
+        assert dw.dtype == jnp.float32, seed
+        if acc is None:
+            assert dw.shape == w.shape and rel_err(dw, ref_dw) < FP32_TOL, seed
+        else:  # the accumulator's (flat) shape is kept
+            assert dw.shape == acc0.shape, seed
+            assert rel_err(dw, acc0 + ref_dw.reshape(-1)) < FP32_TOL, seed
+
+
+def test_accumulate_over_calls_equals_one_call():
+    """Micro-batches of 11, 7 and 19 tokens (chunk 4: uneven tails), each call passing the last
+    one's dw on: the same loss sum, count, dh rows and dw as one call on all 37 tokens."""
+    h, w, labels, seed = make_inputs(37, 16, 301, mask_frac=0.3)
+    kw = dict(softcap=6.0, z_loss=1e-2)
+    run = jax.jit(lambda h, w, y, acc: lce_fused_accumulate(h, w, y, acc, impl="jax",
+                                                             chunk_size=4, **kw))
+    whole = run(h, w, labels, None)
+    acc, total, count, dhs = jnp.zeros((301, 16), jnp.float32), 0.0, 0, []
+    for a, b in ((0, 11), (11, 18), (18, 37)):
+        loss, n_valid, dh, acc = run(h[a:b], w, labels[a:b], acc)
+        total, count = total + float(loss), count + int(n_valid)
+        dhs.append(dh)
+    assert count == int(whole[1]), seed
+    assert rel_err(total, whole[0]) < 1e-6, seed
+    assert rel_err(jnp.concatenate(dhs), whole[2]) < 1e-6, seed
+    assert rel_err(acc, whole[3]) < 1e-6, seed
+    (ref_loss, _), (_, ref_dw) = naive_grads(h, w, labels, **kw)
+    assert rel_err(total, ref_loss) < FP32_TOL and rel_err(acc, ref_dw) < FP32_TOL, seed
+
+
+def test_accumulate_bf16_is_the_vjp_without_rounding_dw():
+    """bf16 inputs: dh in bf16, identical to the linear_cross_entropy VJP's; dw kept in fp32, so
+    it is at least as close to the fp32 reference as the VJP's bf16 dw."""
+    h, w, labels, seed = make_inputs(45, 32, 700, dtype=jnp.bfloat16)
+    kw = dict(softcap=4.0, z_loss=1e-3, chunk_size=16, impl="jax")
+    loss, count, dh, dw = jax.jit(lambda h, w: lce_fused_accumulate(h, w, labels, **kw))(h, w)
+    (vjp_loss, _), (vjp_dh, vjp_dw) = value_and_grads(
+        lambda h, w: linear_cross_entropy(h, w, labels, **kw), h, w)
+    assert dh.dtype == jnp.bfloat16 and dw.dtype == jnp.float32, seed
+    np.testing.assert_array_equal(np.asarray(dh, np.float32), np.asarray(vjp_dh, np.float32))
+    assert rel_err(loss, vjp_loss) < 1e-6, seed
+    hf, wf = h.astype(jnp.float32), w.astype(jnp.float32)
+    (ref_loss, _), (ref_dh, ref_dw) = naive_grads(hf, wf, labels, softcap=4.0, z_loss=1e-3)
+    assert rel_err(loss, ref_loss) < 1e-4 and rel_err(dh, ref_dh) < 2e-2, seed
+    assert rel_err(dw, ref_dw) <= rel_err(vjp_dw, ref_dw) + 1e-6 and rel_err(dw, ref_dw) < 2e-2
+
+
+def test_accumulate_rejects_a_bad_accumulator():
+    h, w, labels, _ = make_inputs(8, 16, 50)
+    for bad in (jnp.zeros((50, 16), jnp.bfloat16), jnp.zeros((16, 50), jnp.float32),
+                jnp.zeros((50 * 16 + 1,), jnp.float32)):
+        with pytest.raises(ValueError, match="dw_acc"):
+            lce_fused_accumulate(h, w, labels, bad, impl="jax")
+    with pytest.raises(ValueError, match="labels"):
+        lce_fused_accumulate(h, w, labels[:3], impl="jax")
+
+
+def test_accumulator_is_donated_and_updated_in_place():
+    """A real call: the donated accumulator's buffer is consumed (its contents live on in the
+    returned dw), on this backend too."""
+    h, w, labels, seed = make_inputs(20, 8, 64)
+    acc = random_acc((64 * 8,), 1.0, seed)
+    expect = np.asarray(acc) + np.asarray(naive_grads(h, w, labels)[1][1]).reshape(-1)
+    run = jax.jit(lambda h, w, acc: lce_fused_accumulate(h, w, labels, acc, impl="jax",
+                                                          chunk_size=8), donate_argnums=(2,))
+    dw = run(h, w, acc)[3]
+    assert acc.is_deleted(), "dw_acc was not donated"
+    assert rel_err(dw, expect) < FP32_TOL, seed
+
+
+def test_accumulate_memory_is_half_a_block_and_the_gradient():
+    """XLA's buffer assignment (compile only; fp32, so that XLA:CPU makes no upcast copies): the
+    donated accumulator is the output (aliased, no copy), the only other output is dh, and the
+    scratch is one chunk's [chunk, V] gradient plus ONE half-chunk fp32 logits block (the two
+    halves are never alive together) and [chunk, H] bits. No [N, V] buffer, no second [V, H]
+    accumulator. (XLA:CPU's dw GEMM result before the add, [V, H], fits in the half block's slot
+    here; XLA:GPU adds inside the GEMM.)"""
+    n, hidden, vocab, chunk = 4096, 32, 16384, 128
+    h, w = (jax.ShapeDtypeStruct(s, jnp.float32) for s in ((n, hidden), (vocab, hidden)))
+    y = jax.ShapeDtypeStruct((n,), jnp.int32)
+    acc = jax.ShapeDtypeStruct((vocab * hidden,), jnp.float32)
+    vh, g, half, nh = vocab * hidden * 4, chunk * vocab * 4, chunk * vocab * 2, n * hidden * 4
+    assert vh <= half  # so that a second [V, H] or a second half block would both show
+
+    fused = jax.jit(lambda h, w, y, acc: lce_fused_accumulate(h, w, y, acc, impl="jax",
+                                                               chunk_size=chunk),
+                    donate_argnums=(3,))
+    ma = fused.lower(h, w, y, acc).compile().memory_analysis()
+    assert ma.alias_size_in_bytes == vh
+    assert ma.output_size_in_bytes - ma.alias_size_in_bytes <= nh + 64  # dh and two scalars
+    assert ma.temp_size_in_bytes <= g + half + 2**18, ma.temp_size_in_bytes
+
+    # The vocabulary-chunk gradients with both accumulators donated: aliased, one block (and
+    # its gradient) of scratch.
+    lse = jax.ShapeDtypeStruct((n,), jnp.float32)
+    grads = jax.jit(lambda h, w, y, lse, dh, dw: lce_chunk_grads(
+        h, w, y, 0, lse, lse, impl="jax", chunk_size=chunk, dh_acc=dh, dw_acc=dw),
+        donate_argnums=(4, 5))
+    ma = grads.lower(h, w, y, lse, h, acc).compile().memory_analysis()
+    assert ma.alias_size_in_bytes == vh + nh
+    assert ma.output_size_in_bytes <= ma.alias_size_in_bytes + 64  # + the result tuple
+    assert ma.temp_size_in_bytes <= 2 * g + 2**18, ma.temp_size_in_bytes
+
+
+def test_chunk_grads_accumulate_into_given_buffers():
+    h, w, labels, seed = make_inputs(23, 16, 120)
+    lse = jax.nn.logsumexp(naive_logits(h, w), axis=-1)
+    scale = (labels != -100).astype(jnp.float32) * 0.3
+    a, b = 40, 97  # a vocabulary chunk of 57 rows
+    dh0 = random_acc((23, 16), 0.1, seed)
+    dw0 = random_acc(((b - a) * 16,), 0.1, seed + 7)
+    run = jax.jit(lambda dh_acc, dw_acc: lce_chunk_grads(
+        h, w[a:b], labels, a, lse, scale, impl="jax", chunk_size=5, dh_acc=dh_acc,
+        dw_acc=dw_acc))
+    dh, dw = run(None, None)
+    dh_sum, dw_sum = run(dh0, dw0)
+    assert dh_sum.shape == dh0.shape and dw_sum.shape == dw0.shape, seed
+    assert rel_err(dh_sum, dh0 + dh) < 1e-6 and rel_err(dw_sum, dw0 + dw.reshape(-1)) < 1e-6
+
+
 # --------------------------------------------------------------------------- vocab-chunk API
 
 def _vocab_splits(vocab, rng):
@@ -391,7 +537,26 @@ def _interpreted_ops(block: int):
         out = jax.ShapeDtypeStruct((rows, cols), out_dtype)
         return jax.pure_callback(host, out, logits, labels, lse, scale)
 
-    return lce_jax.BlockOps(stats=stats, grads=grads)
+    def grads_into(buf, row0, logits, labels, lse, scale, softcap, z_loss):
+        rows, cols = logits.shape
+        bf16 = buf.dtype == jnp.bfloat16
+
+        def host(b, z, y, lse, scale):
+            b = np.asarray(b)
+            # torch has no numpy bfloat16: move the bits.
+            tb = torch.from_numpy(b.view(np.int16).copy()).view(torch.bfloat16) if bf16 \
+                else torch.tensor(b)
+            args = [torch.tensor(np.asarray(a)) for a in (z, y, lse, scale)]
+            with lock:  # the same tensor twice, as the aliased GPU call passes it
+                ct._grad_into_kernel[(rows,)](*args, tb, tb, N_COLS=cols,
+                                              SOFTCAP=float(softcap or 0.0),
+                                              Z_LOSS=float(z_loss), BLOCK=block, ROW0=row0)
+            return tb.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if bf16 else tb.numpy()
+
+        out = jax.ShapeDtypeStruct(buf.shape, buf.dtype)
+        return jax.pure_callback(host, out, buf, logits, labels, lse, scale)
+
+    return lce_jax.BlockOps(stats=stats, grads=grads, grads_into=grads_into)
 
 
 def interpreted_pipeline_check() -> None:
@@ -406,9 +571,12 @@ def interpreted_pipeline_check() -> None:
         parts = [(0, 77), (77, 203)]  # the vocab-chunk primitives, two uneven chunks
         scale = (labels != -100).astype(jnp.float32)
 
+        acc0 = random_acc((203, 16), 0.1, seed)
+
         @jax.jit
         def everything(h, w):
             fused = lce_jax.fused_forward(h, w, labels, chunk_size=8, ops=ops, **kw)
+            accumulated = lce_jax.fused_accumulate(h, w, labels, acc0, chunk_size=8, ops=ops, **kw)
             only_loss = lce_jax.fused_loss(h, w, labels, chunk_size=8, ops=ops, **kw)
             stats = init_stats(21)
             for a, b in parts:
@@ -418,15 +586,19 @@ def interpreted_pipeline_check() -> None:
             chunk_loss = loss_from_stats(lse, stats[2], labels, z_loss=z_loss)[0]
             grads = [lce_jax.chunk_grads(h, w[a:b], labels, a, lse, scale, chunk_size=8,
                                          ops=ops, **kw) for a, b in parts]
-            return fused, only_loss, chunk_loss, grads
+            return fused, only_loss, chunk_loss, grads, accumulated
 
-        (loss, count, dh, dw), only_loss, chunk_loss, grads = everything(h, w)
+        (loss, count, dh, dw), only_loss, chunk_loss, grads, accumulated = everything(h, w)
         ref_loss, ref_count = naive_linear_cross_entropy(hf, wf, labels, **kw)
         ref_dh, ref_dw = grads_of(lambda h, w: naive_linear_cross_entropy(h, w, labels, **kw),
                                   hf, wf)
         assert int(count) == int(ref_count), info
-        for got in (loss, only_loss[0], chunk_loss):  # Triton's exp-form tanh: ~1e-7 abs
+        for got in (loss, only_loss[0], chunk_loss, accumulated[0]):  # exp-form tanh: ~1e-7
             assert rel_err(got, ref_loss) < 1e-4, info
+        assert int(accumulated[1]) == int(ref_count), info
+        assert accumulated[2].dtype == dtype and accumulated[3].dtype == jnp.float32, info
+        assert rel_err(accumulated[2], ref_dh) < tol, info
+        assert rel_err(accumulated[3], acc0 + ref_dw) < tol, info
         assert dh.dtype == dtype and dw.dtype == dtype, info
         assert rel_err(dh, ref_dh) < tol and rel_err(dw, ref_dw) < tol, info
         assert rel_err(sum(g[0] for g in grads), ref_dh) < tol, info
@@ -479,16 +651,29 @@ def cuda_lowering_check() -> None:
                 return lce_chunk_grads(h, w[:1000], y, 7, lse_from_stats(m, s), jnp.ones(n),
                                        impl="triton", **kw)
 
-            for fn in (train, engine):
+            def accumulate(h, w, y):
+                acc = jnp.zeros((vocab * hidden,), jnp.float32)
+                return lce_fused_accumulate(h, w, y, acc, impl="triton", chunk_size=128, **kw)
+
+            # The vocab-chunk primitives: one block per token chunk, the fp32 gradient written
+            # over its logits block (XLA must be told). The fused paths: two half-chunk blocks
+            # whose gradients go into one chunk buffer, in place (aliased) in any dtype.
+            for fn, kernels, aliased in (
+                    (engine, ("_grad_kernel", "_stats_kernel"), dtype == jnp.float32),
+                    (train, ("_grad_into_kernel", "_grad_into_kernel", "_stats_kernel",
+                             "_stats_kernel"), True),
+                    (accumulate, ("_grad_into_kernel", "_grad_into_kernel", "_stats_kernel",
+                                  "_stats_kernel"), True)):
                 launches.clear()
                 text = jax.jit(fn).trace(h, w, y).lower(lowering_platforms=("cuda",)).as_text()
-                assert text.count("triton_kernel_call") == 2, text[:2000]
-                # The fp32 gradient overwrites its logits block: XLA must be told.
-                assert ("output_operand_alias" in text) == (dtype == jnp.float32)
-                names = sorted(name for name, _, _ in launches)
-                assert names == ["_grad_kernel", "_stats_kernel"], launches
-                # 2 inputs + 3 outputs; 4 inputs + 1 output: pointers only, constants compiled in.
-                assert all(p == 5 for _, _, p in launches), launches
+                assert text.count("triton_kernel_call") == len(kernels), text[:2000]
+                assert ("output_operand_alias" in text) == aliased
+                # (identical calls are lowered once)
+                assert {name for name, _, _ in launches} == set(kernels), launches
+                # Pointers only, constants compiled in: stats 2 inputs + 3 outputs; grad 4 + 1;
+                # grad_into 5 inputs (the buffer too) + 1 output.
+                params = {"_stats_kernel": 5, "_grad_kernel": 5, "_grad_into_kernel": 6}
+                assert all(p == params[name] for name, _, p in launches), launches
     print("ok")
 
 

@@ -18,6 +18,7 @@ from slidejax.kernels import (
     init_stats,
     lce_chunk_grads,
     lce_chunk_stats,
+    lce_fused_accumulate,
     linear_cross_entropy,
     loss_from_stats,
     lse_from_stats,
@@ -148,3 +149,68 @@ def test_triton_and_twin_agree_closely():
     check(lt, lj, 1e-5, seed, "loss")
     check(dht, dhj, 1e-2, seed, "dh")  # at most a bf16 ulp here and there
     check(dwt, dwj, 1e-2, seed, "dw")
+
+
+# --------------------------------------------------------------------------- accumulate API
+
+@pytest.mark.parametrize("impl,softcap,z_loss", [
+    ("triton", None, 0.0), ("triton", 30.0, 1e-4), ("jax", 30.0, 1e-4)],
+    ids=["plain", "softcap_z_loss", "twin"])
+def test_accumulate_bf16_over_two_calls(impl, softcap, z_loss):
+    """Two micro-batches (1100 + 900 tokens, chunk 512: full chunks and tails) into one donated
+    fp32 accumulator that starts non-zero: loss, dh and accumulated dw against the naive fp32."""
+    h, w, labels, seed = make_inputs(2000, 512, 50_021)
+    kw = dict(softcap=softcap, z_loss=z_loss)
+    (ref_loss, ref_count), (ref_dh, ref_dw) = reference(h, w, labels, **kw)
+    ref_dw = np.asarray(ref_dw)
+    acc0 = np.random.default_rng(seed).standard_normal(ref_dw.size).astype(np.float32)
+    acc0 *= np.abs(ref_dw).max()
+    run = jax.jit(lambda h, w, y, acc: lce_fused_accumulate(h, w, y, acc, impl=impl,
+                                                             chunk_size=512, **kw),
+                  donate_argnums=(3,))
+    acc = jnp.asarray(acc0)
+    first = acc
+    loss_a, count_a, dh_a, acc = run(h[:1100], w, labels[:1100], acc)
+    loss_b, count_b, dh_b, acc = run(h[1100:], w, labels[1100:], acc)
+    assert first.is_deleted(), "dw_acc was not donated"
+    assert int(count_a) + int(count_b) == int(ref_count), seed
+    check(float(loss_a) + float(loss_b), ref_loss, LOSS_TOL, seed, "loss")
+    assert dh_a.dtype == jnp.bfloat16 and acc.dtype == jnp.float32 and acc.shape == acc0.shape
+    check(jnp.concatenate([dh_a, dh_b]), ref_dh, BF16_GRAD_TOL, seed, "dh")
+    check(np.asarray(acc) - acc0, ref_dw.reshape(-1), BF16_GRAD_TOL, seed, "dw")
+
+
+@pytest.mark.parametrize("impl", ["triton", "jax"])
+def test_accumulate_fp32_exactness_mode(impl):
+    h, w, labels, seed = make_inputs(700, 256, 20_011, dtype=jnp.float32)
+    kw = dict(softcap=20.0, z_loss=1e-3)
+    loss, _, dh, dw = jax.jit(lambda h, w: lce_fused_accumulate(
+        h, w, labels, impl=impl, chunk_size=256, **kw))(h, w)
+    (ref_loss, _), (ref_dh, ref_dw) = reference(h, w, labels, **kw)
+    check(loss, ref_loss, 1e-5, seed, "loss")
+    check(dh, ref_dh, 1e-4, seed, "dh")
+    check(dw, ref_dw, 1e-4, seed, "dw")
+
+
+@pytest.mark.parametrize("impl", ["triton", "jax"])
+def test_accumulate_gpu_buffers(impl):
+    """XLA:GPU's buffer assignment (compile only): the donated accumulator is updated in place
+    (the dw GEMM adds into it, cuBLAS beta = 1: no [V, H] scratch), and the scratch is one
+    chunk's bf16 logits gradient, ONE fp32 half-chunk logits block, and small change (GEMM
+    workspace, [chunk, H] pieces)."""
+    n, hidden, vocab, chunk = 4096, 1024, 128_256, 1024
+    h, w = (jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((n, hidden), (vocab, hidden)))
+    y = jax.ShapeDtypeStruct((n,), jnp.int32)
+    acc = jax.ShapeDtypeStruct((vocab * hidden,), jnp.float32)
+    run = jax.jit(lambda h, w, y, acc: lce_fused_accumulate(h, w, y, acc, impl=impl,
+                                                             chunk_size=chunk),
+                  donate_argnums=(3,))
+    ma = run.lower(h, w, y, acc).compile().memory_analysis()
+    need = chunk * vocab * 2 + chunk // 2 * vocab * 4  # g bf16 + one fp32 half block
+    slack = 96 * 2**20
+    assert ma.alias_size_in_bytes == vocab * hidden * 4
+    assert ma.output_size_in_bytes - ma.alias_size_in_bytes <= n * hidden * 2 + 2**10  # dh
+    assert ma.temp_size_in_bytes <= need + slack, (
+        f"XLA temp {ma.temp_size_in_bytes / 2**20:.0f} MiB > {need / 2**20:.0f} MiB + "
+        f"{slack / 2**20:.0f} MiB (a half block is {need / 2**21:.0f} MiB, a [V, H] fp32 "
+        f"{vocab * hidden * 4 / 2**20:.0f} MiB)")
