@@ -139,6 +139,29 @@ def _memory_report(dump_dir: str | None) -> tuple[str | None, list[str]]:
     return text, top
 
 
+BALLAST_ROW = 4 * 2**20  # ballast in rows of 4 MiB: no 2**31-element limit to meet
+
+
+def ballast_rows(stats: dict, need: int) -> tuple[int, bool]:
+    """Rows of :data:`BALLAST_ROW` bytes that lift ``bytes_in_use`` to ``peak_bytes_in_use``
+    (raised by compilation), keeping 10% + 1 GiB of headroom beyond the ``need`` bytes the call
+    will take; and whether that falls short of the peak by more than a row (then the call's own
+    peak may hide under the old one)."""
+    gap = stats["peak_bytes_in_use"] - stats["bytes_in_use"]
+    room = stats.get("bytes_limit", stats["peak_bytes_in_use"] + 2 * need + 2**31) \
+        - stats["bytes_in_use"] - int(1.1 * need) - 2**30
+    rows = max(min(gap, room), 0) // BALLAST_ROW
+    return rows, gap - rows * BALLAST_ROW > BALLAST_ROW
+
+
+def call_peak(before: dict, after: dict, ballast_short: bool, new_outputs: int) -> dict:
+    """The call's extra bytes from allocator statistics taken just before and after it."""
+    extra = after["peak_bytes_in_use"] - before["bytes_in_use"]
+    return {"extra_bytes": extra, "beyond_io_bytes": extra - new_outputs,
+            "extra_is_upper_bound": bool(
+                ballast_short or after["peak_bytes_in_use"] <= before["peak_bytes_in_use"])}
+
+
 def run_case(tokens: int, vocab: int, hidden: int, impl: str, repeats: int, warmup: int = 2,
              chunk_size: int | None = None, dump_dir: str | None = None) -> dict:
     """One (case, implementation) in this process; returns the measurements."""
@@ -182,15 +205,10 @@ def run_case(tokens: int, vocab: int, hidden: int, impl: str, repeats: int, warm
 
     ballast = None
     if "peak_bytes_in_use" in s:
-        # Lift bytes_in_use to the compile-time peak so this call's own peak shows above it;
-        # keep 10% + 1 GiB of headroom beyond what XLA says the call needs.
-        room = limit - s["bytes_in_use"] - int(1.1 * need) - GIB
-        gap = s["peak_bytes_in_use"] - s["bytes_in_use"]
-        rows = min(gap, max(room, 0)) // 2**22  # 4 MiB rows: no 2**31-element limit to meet
-        out["ballast_bytes"] = rows * 2**22
-        out["ballast_short"] = gap - rows * 2**22 > 2**22
+        rows, out["ballast_short"] = ballast_rows(s, need)
+        out["ballast_bytes"] = rows * BALLAST_ROW
         if rows:
-            ballast = jax.block_until_ready(jnp.zeros((rows, 2**20), jnp.uint32))
+            ballast = jax.block_until_ready(jnp.zeros((rows, BALLAST_ROW // 4), jnp.uint32))
 
     before = stats()
     t0 = time.perf_counter()
@@ -198,10 +216,7 @@ def run_case(tokens: int, vocab: int, hidden: int, impl: str, repeats: int, warm
     out["first_call_s"] = time.perf_counter() - t0
     after = stats()
     if "peak_bytes_in_use" in after:
-        out["extra_bytes"] = after["peak_bytes_in_use"] - before["bytes_in_use"]
-        out["extra_is_upper_bound"] = bool(
-            out.get("ballast_short") or after["peak_bytes_in_use"] <= before["peak_bytes_in_use"])
-        out["beyond_io_bytes"] = out["extra_bytes"] - new_outputs
+        out.update(call_peak(before, after, out.get("ballast_short", True), new_outputs))
     del ballast
     out["loss_sum"], out["n_valid"] = float(loss), int(count)
     grads = (dh, dw)
