@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per run (first included)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per run (median)")
     p.add_argument("--chunk-size", type=int, default=None,
-                   help="tokens per logits block for the fused paths (default: the library's)")
+                   help="tokens per chunk for the fused paths (default: the library's)")
     p.add_argument("--timeout", type=float, default=120, help="seconds per run at most")
     p.add_argument("--budget", type=float, default=330,
                    help="seconds for the whole run: no run starts after it")

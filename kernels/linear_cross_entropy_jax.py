@@ -259,7 +259,9 @@ def chunk_grads(
                       g_dtype)
         dw = dw + _matmul(g, h_c, (0, 0))  # [chunk, Vc] x [chunk, H] -> [Vc, H]
         dh_c = _matmul(g, w_chunk, (1, 0))  # [chunk, Vc] x [Vc, H] -> [chunk, H]
-        return _put_rows(dh, _rows(dh, start, size) + dh_c, start), dw
+        if dh_acc is not None:
+            dh_c = _rows(dh, start, size) + dh_c
+        return _put_rows(dh, dh_c, start), dw
 
     dh, dw = _over_chunks(n, choose_chunk(n, vc, chunk_size), step, (dh0, dw0))
     return (dh if dh_acc is None else dh.reshape(dh_acc.shape),
