@@ -36,19 +36,25 @@ def test_run_case_in_process(impl):
 def test_parent_writes_results_and_prints_the_table_last(tmp_path):
     out = tmp_path / "lce"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(out), "--tokens", "40,64", "--vocab", "257",
-         "--hidden", "16", "--impls", "naive,acc-jax", "--repeats", "1", "--warmup", "1"],
+        [sys.executable, str(SCRIPT), "--out", str(out), "--tokens", "40", "--vocab", "257",
+         "--hidden", "16", "--impls", "acc-jax,naive", "--repeats", "1", "--warmup", "1"],
         capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
-    assert lines[0].startswith("[") and lines[-1].startswith("| 64 | 257 | acc-jax |"), lines
+    assert lines[0].startswith("[") and lines[-1].startswith("| 40 | 257 | acc-jax |"), lines
     results = json.loads((out / "results.json").read_text())["results"]
-    assert [(r["tokens"], r["impl"]) for r in results] == [  # naive's round first
-        (40, "naive"), (64, "naive"), (40, "acc-jax"), (64, "acc-jax")]
+    assert [r["impl"] for r in results] == ["naive", "acc-jax"]  # naive's round first
     assert all("error" not in r and r["finite"] for r in results), results
     assert all(r["xla_buffers"] for r in results), "XLA's memory-usage report was not read"
-    assert len(list((out / "buffers").glob("*.txt"))) == 4
+    assert len(list((out / "buffers").glob("*.txt"))) == 2
     assert "lce_fused_accumulate" in (out / "results.md").read_text()
+
+
+def test_run_order_puts_the_essentials_first():
+    shapes = [(16, 100), (64, 100)]
+    assert bench.run_order(shapes, ["jax", "acc-triton", "naive"]) == [
+        (16, 100, "acc-triton"), (16, 100, "naive"), (64, 100, "acc-triton"),
+        (64, 100, "naive"), (16, 100, "jax"), (64, 100, "jax")]
 
 
 def test_budget_and_unknown_impls(tmp_path):
