@@ -53,49 +53,81 @@ def gather_rows(tables: list[tuple[int, np.ndarray]], ids: np.ndarray, out: np.n
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _segment_sum(src: np.ndarray, order: np.ndarray, starts: np.ndarray, out: np.ndarray) -> None:
-    for u in numba.prange(starts.shape[0] - 1):
-        out[u, :] = 0.0
+def _segment_add(src: np.ndarray, targets: np.ndarray, order: np.ndarray, starts: np.ndarray,
+                 out: np.ndarray) -> None:
+    """out[targets[u]] += the src rows order[starts[u]:starts[u+1]], in that order (fp32)."""
+    for u in numba.prange(targets.shape[0]):
+        acc = out[targets[u]]
         for k in range(starts[u], starts[u + 1]):
-            out[u, :] += src[order[k], :]
+            acc += src[order[k], :]
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _segment_sum_bf16(src_u16: np.ndarray, order: np.ndarray, starts: np.ndarray, out: np.ndarray) -> None:
+def _segment_add_bf16(src_u16: np.ndarray, targets: np.ndarray, order: np.ndarray, starts: np.ndarray,
+                      out: np.ndarray) -> None:
     hidden = out.shape[1]
-    for u in numba.prange(starts.shape[0] - 1):
-        acc = np.zeros(hidden, np.float32)
+    for u in numba.prange(targets.shape[0]):
+        acc = out[targets[u]]
         bits = np.empty(hidden, np.uint32)
         for k in range(starts[u], starts[u + 1]):
             row = src_u16[order[k]]
             for j in range(hidden):
                 bits[j] = np.uint32(row[j]) << np.uint32(16)
             acc += bits.view(np.float32)
-        out[u, :] = acc
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _sq_norm(values: np.ndarray) -> float:
+    total = 0.0
+    for u in numba.prange(values.shape[0]):
+        row = 0.0
+        for j in range(values.shape[1]):
+            row += np.float64(values[u, j]) * np.float64(values[u, j])
+        total += row
+    return total
 
 
 class RowGradient:
-    """The embedding gradient of one step as distinct rows: `rows[k]` gets `values[k]`."""
+    """The embedding gradient of one step as distinct rows: `rows[k]` gets `values[k]`.
+
+    Built from the step's token ids [M, ...] (M micro-batches); each micro-batch's per-token
+    gradients are added with `add` as soon as they reach host memory (in any order; each row sums
+    its tokens in token order within a micro-batch, in fp32), so the work overlaps the rest of the
+    backward pass instead of following it.
+    """
 
     def __init__(self, ids: np.ndarray):
-        flat = ids.reshape(-1).astype(np.int64)
-        self.rows, inverse = np.unique(flat, return_inverse=True)
-        self.order = np.argsort(inverse, kind="stable")
-        counts = np.bincount(inverse, minlength=self.rows.shape[0])
-        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.n_tokens = flat.shape[0]
+        ids = np.asarray(ids)
+        per_mb = ids.reshape(ids.shape[0] if ids.ndim > 1 else 1, -1).astype(np.int64)
+        self.rows, inverse = np.unique(per_mb, return_inverse=True)
+        inverse = inverse.reshape(per_mb.shape)
+        self.n_tokens = per_mb.size
+        self._groups = []  # per micro-batch: (target rows, token order, segment starts)
+        for inv in inverse:
+            targets, local = np.unique(inv, return_inverse=True)
+            order = np.argsort(local, kind="stable")
+            starts = np.concatenate([[0], np.cumsum(np.bincount(local, minlength=targets.shape[0]))])
+            self._groups.append((targets.astype(np.int64), order.astype(np.int64), starts.astype(np.int64)))
         self.values: np.ndarray | None = None
 
+    def add(self, mb: int, grad: np.ndarray) -> None:
+        """Add micro-batch `mb`'s per-token gradients ([tokens of mb, H], fp32 or bf16)."""
+        hidden = grad.shape[-1]
+        src = np.ascontiguousarray(grad.reshape(-1, hidden))
+        if self.values is None:
+            self.values = np.zeros((self.rows.shape[0], hidden), np.float32)
+        targets, order, starts = self._groups[mb]
+        if src.dtype == np.float32:
+            _segment_add(src, targets, order, starts, self.values)
+        else:  # bfloat16, summed in fp32 from its bits
+            _segment_add_bf16(src.view(np.uint16), targets, order, starts, self.values)
+
     def accumulate(self, grads: list[np.ndarray]) -> np.ndarray:
-        """Sum the per-token gradients (in token order, any float dtype) into fp32 rows."""
-        hidden = grads[0].shape[-1]
-        src = np.concatenate([g.reshape(-1, hidden) for g in grads]) if len(grads) > 1 else grads[0].reshape(-1, hidden)
-        self.values = np.empty((self.rows.shape[0], hidden), np.float32)
+        """Sum every micro-batch's per-token gradients (in token order, any float dtype) into fp32
+        rows, with a few threads (the caller's thread shares the cores with the host optimizer)."""
         with _few_threads():
-            if src.dtype == np.float32:
-                _segment_sum(np.ascontiguousarray(src), self.order, self.starts, self.values)
-            else:  # bfloat16, summed in fp32 from its bits
-                _segment_sum_bf16(np.ascontiguousarray(src).view(np.uint16), self.order, self.starts, self.values)
+            for mb, g in enumerate(grads):
+                self.add(mb, g)
         return self.values
 
     def index_for(self, first: int, end: int) -> np.ndarray:
@@ -106,4 +138,5 @@ class RowGradient:
         return idx
 
     def sq_norm(self) -> float:
-        return float(np.dot(self.values.reshape(-1), self.values.reshape(-1)))
+        """Squared Frobenius norm of the row gradient (accumulated in float64)."""
+        return float(_sq_norm(self.values))

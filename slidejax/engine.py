@@ -125,8 +125,10 @@ class Trace:
 class HostWorker:
     """One host thread running optimizer updates, most urgent first.
 
-    Priorities follow the order in which the next forward pass needs the units, so a backlog never
-    delays the unit the GPU will wait for first. Exceptions are re-raised in the driver.
+    Priorities are (step, rank): every update of a step runs before any of the next step's (a
+    unit's updates must stay in step order), and within a step ranks follow the order in which
+    the next forward pass needs the units, so a backlog never delays the unit the GPU will wait
+    for first. Exceptions are re-raised in the driver.
     """
 
     def __init__(self, trace: Trace | None):
@@ -137,7 +139,7 @@ class HostWorker:
         self._thread = threading.Thread(target=self._run, daemon=True, name="slidejax-host-optimizer")
         self._thread.start()
 
-    def submit(self, priority: int, name: str, fn: Callable[[], None], done: threading.Event) -> None:
+    def submit(self, priority: tuple[int, int], name: str, fn: Callable[[], None], done: threading.Event) -> None:
         self.check()
         done.clear()
         self._queue.put((priority, next(self._seq), name, fn, done))
@@ -146,7 +148,7 @@ class HostWorker:
         """End the thread (after the queued work), so no thread is cut off inside native code at
         interpreter exit."""
         if self._thread.is_alive():
-            self._queue.put((float("inf"), next(self._seq), "stop", None, threading.Event()))
+            self._queue.put(((float("inf"),), next(self._seq), "stop", None, threading.Event()))
             self._thread.join()
 
     def _run(self) -> None:
@@ -377,7 +379,9 @@ class SlidingEngine:
         reference with the same kernels. "auto": as many as the plan (`plan_memory`) fits in
         `gpu_memory` (default: the device's capacity) with micro-batches of `micro_batch`; each
         resident layer is host optimizer work the step no longer waits for.
-      micro_batch: (rows, seq_len) of the micro-batches, for resident_layers="auto".
+      micro_batch: (rows, seq_len) of the micro-batches, when known up front: needed for
+        resident_layers="auto", and with it an infeasible `gpu_memory` is refused here, before
+        anything is allocated (otherwise at the first step).
       max_grad_norm: clip the global gradient norm to this (0 = off), exactly.
       loss_impl: fused linear cross-entropy implementation ("auto", "triton", "jax").
       attention_impl: `jax.nn.dot_product_attention` implementation; default cuDNN flash
@@ -436,6 +440,8 @@ class SlidingEngine:
             raise SlidejaxError(f"resident_layers must be a number or 'auto', got {resident_layers!r}")
         self.resident_layers = max(0, min(int(resident_layers), self.L))
         self.all_resident = self.resident_layers == self.L
+        if micro_batch is not None:
+            self._check_budget((1, *micro_batch), segments=False)
 
         self.resident: set[str] = {f"layers.{i}" for i in range(self.L - self.resident_layers, self.L)}
         if self.all_resident:
@@ -494,10 +500,10 @@ class SlidingEngine:
         streamed = [n for n in units if n not in resident and (not n.startswith("embed.") or n in head_names)]
         window = (self.prefetch + 1) * unit_params * cd if streamed else 0
         moments = 2 * getattr(self.opt, "moment_dtype", np.dtype(np.float32)).itemsize
-        # master fp32, optimizer moments, compute copy, and the update's new master before the old
-        # one is freed.
+        # master fp32, optimizer moments, compute copy, and the update's temporaries (the fp32
+        # update and the new master before the old one is freed: 12 B/param measured, with room).
         resident_bytes = sum(units[n].master.size for n in resident) * (4 + moments + cd)
-        resident_bytes += max((units[n].master.size for n in resident), default=0) * 4
+        resident_bytes += max((units[n].master.size for n in resident), default=0) * 12
         grads = unit_params * (4 + 4 + cd)  # fp32 accumulator, its update, the download copy
 
         def working(fn, *args) -> int:
@@ -522,7 +528,7 @@ class SlidingEngine:
         plan["total"] = window + resident_bytes + grads + max(layer, head) + boundary
         return plan
 
-    AUTO_MARGIN = 0.9  # of the budget: allocator fragmentation and what the plan does not see
+    AUTO_MARGIN = 0.8  # of the budget: allocator fragmentation and what the plan does not see
 
     def _auto_resident(self, micro_batch: tuple[int, int] | None) -> int:
         """The most resident layers whose plan fits the budget (or the device's capacity)."""
@@ -884,6 +890,8 @@ class SlidingEngine:
 
         window = self._window
         last_out = None
+        rowgrad = None if self.all_resident else RowGradient(ids)
+        self._rows_added = [threading.Event() for _ in range(M)]
         for i in range(self.L - 1, -1, -1):
             if last_out is not None and f"layers.{i + 1}" not in self.resident:
                 jax.block_until_ready(last_out)
@@ -907,8 +915,13 @@ class SlidingEngine:
                 xs.release(mb)
                 dy.release(mb)
                 keep = n == M - 1 or M == 1
-                # The layer-0 input gradient is the embedding's: always to the host.
+                # The layer-0 input gradient is the embedding's: always to the host, where its rows
+                # are summed per token as soon as it lands (the global norm waits for them).
                 nxt.put(mb, dx, keep=keep and i > 0, offload=i == 0 or not keep)
+                if i == 0 and rowgrad is not None:
+                    self.worker.submit((self.step_count, -1), f"embedding rows {mb}",
+                                       functools.partial(self._add_rows, rowgrad, mb, nxt.host[mb]),
+                                       self._rows_added[mb])
                 last_out = dx
             if i == 0:
                 self._staging_guard = last_out
@@ -927,7 +940,7 @@ class SlidingEngine:
                     g = g + self._tied_head_grad.pop(u.name)
                 self._finish_unit(u.name, g, tied_done=True)
         else:
-            self._embed_job = (RowGradient(ids), [dy.host[mb] for mb in range(M)])
+            self._embed_job = (rowgrad, [dy.host[mb] for mb in range(M)])
 
     # ----- gradients to the optimizer
 
@@ -979,7 +992,7 @@ class SlidingEngine:
             g = host_view(grad).reshape(shape)  # waits for the download to land
             self.opt.update(state, unit.master.reshape(shape), g, upload,
                             decay_split=unit.layout.decay_split, grad_scale=scale)
-        self.worker.submit(self._priority(name), f"update {name}", run, self.ready[name])
+        self.worker.submit((self.step_count, self._priority(name)), f"update {name}", run, self.ready[name])
 
     def _shape(self, unit: Unit) -> tuple[int, ...]:
         return (unit.rows[1] - unit.rows[0], self.cfg.hidden_size) if unit.rows else unit.master.shape
@@ -988,13 +1001,20 @@ class SlidingEngine:
         buf = self.upload_buf[name]
         return buf.host if isinstance(buf, PinnedBuffer) else buf
 
+    @staticmethod
+    def _add_rows(rowgrad: RowGradient, mb: int, dx_host: jax.Array) -> None:
+        rowgrad.add(mb, host_view(dx_host))  # waits for the download to land
+
     def _embedding_gradient(self) -> float:
         """Sum the layer-0 input gradients per distinct token (host, as soon as they land) and
         return what the embedding adds to the squared global norm."""
         if self._embed_job is None:
             return 0.0
-        rowgrad, dxs = self._embed_job
-        values = rowgrad.accumulate([host_view(d) for d in dxs])
+        rowgrad, _ = self._embed_job
+        for added in self._rows_added:
+            added.wait()
+        self.worker.check()
+        values = rowgrad.values
         if not self.cfg.tie_word_embeddings:
             return rowgrad.sq_norm()
         # Tied: |head + rows|^2 = |head|^2 (already counted) + sum over rows of 2 head.r + r.r
@@ -1015,7 +1035,7 @@ class SlidingEngine:
         if not self.all_resident:
             rowgrad, dxs = self._embed_job
             self._embed_job = None
-            self._pending_embed = (rowgrad, dxs, dict(self._tied_head_grad), self._scale)
+            self._pending_embed = (rowgrad, dxs, dict(self._tied_head_grad), self._scale, self.step_count)
             for u in self.host.embed_units:
                 self.rows_ready[u.name].clear()
                 self.ready[u.name].clear()
@@ -1032,7 +1052,7 @@ class SlidingEngine:
         layer's update."""
         if self._pending_embed is None:
             return
-        rowgrad, dxs, head_grads, scale = self._pending_embed
+        rowgrad, dxs, head_grads, scale, step = self._pending_embed
         self._pending_embed = None
         tied = self.cfg.tie_word_embeddings
         need = None if next_ids is None else np.unique(next_ids.reshape(-1))
@@ -1063,13 +1083,13 @@ class SlidingEngine:
 
             if need is not None and getattr(self.opt, "supports_rows", False):
                 local = need[(need >= a) & (need < b)] - a
-                self.worker.submit(0, f"update {u.name} (next rows)", lambda update=update, r=local: update(r),
+                self.worker.submit((step, 0), f"update {u.name} (next rows)", lambda update=update, r=local: update(r),
                                    self.rows_ready[u.name])
-                self.worker.submit(self.L + 3, f"update {u.name}", lambda update=update: update(None),
+                self.worker.submit((step, self.L + 3), f"update {u.name}", lambda update=update: update(None),
                                    self.ready[u.name])
             else:
-                self.worker.submit(0, f"update {u.name}", lambda update=update: update(None), self.ready[u.name])
-                self.worker.submit(0, f"{u.name} ready", lambda: None, self.rows_ready[u.name])
+                self.worker.submit((step, 0), f"update {u.name}", lambda update=update: update(None), self.ready[u.name])
+                self.worker.submit((step, 0), f"{u.name} ready", lambda: None, self.rows_ready[u.name])
 
     def sync(self) -> None:
         """Finish every pending update (before reading or saving the weights)."""

@@ -296,9 +296,12 @@ def launch(kernel, nthreads: int, *args) -> None:
     else:
         n = nthreads
         chunk = max(1, args[0].shape[0] // (nthreads * CHUNKS_PER_THREAD))
-    numba.set_parallel_chunksize(chunk)
-    if serialised:
-        with _launch_lock:
+    previous = numba.set_parallel_chunksize(chunk)  # per calling thread; restored for other kernels
+    try:
+        if serialised:
+            with _launch_lock:
+                kernel(args[0], n, *args[1:])
+        else:
             kernel(args[0], n, *args[1:])
-    else:
-        kernel(args[0], n, *args[1:])
+    finally:
+        numba.set_parallel_chunksize(previous)

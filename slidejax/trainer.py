@@ -733,8 +733,7 @@ class Trainer:
                                       trace=c.trace is not None)
         if c.gpu_memory is not None:  # only when set: engines without a budget keep working
             kwargs["gpu_memory"] = c.gpu_memory
-        if c.resident_layers == "auto":
-            kwargs["micro_batch"] = (c.micro_batch_size, c.seq_len)
+        kwargs["micro_batch"] = (c.micro_batch_size, c.seq_len)  # the budget is checked before allocating
         if c.devices > 1:
             import jax
 

@@ -39,3 +39,19 @@ def test_row_gradient_sums_per_token(dtype):
         assert (k == -1) == (r not in set(ids.reshape(-1).tolist()))
         if k >= 0:
             assert rg.rows[k] == r
+
+
+def test_row_gradient_added_as_micro_batches_land():
+    """Micro-batches added in any order (as their downloads land) give the same row sums."""
+    rng = np.random.default_rng()
+    vocab, hidden, M = 53, 8, 4
+    ids = rng.integers(0, vocab, (M, 2, 7))
+    grads = [rng.standard_normal((2, 7, hidden)).astype(np.float32) for _ in range(M)]
+    in_order = RowGradient(ids).accumulate(grads)
+    rg = RowGradient(ids)
+    for mb in rng.permutation(M):
+        rg.add(int(mb), grads[mb])
+    np.testing.assert_allclose(rg.values, in_order, rtol=1e-6, atol=1e-6)
+    want = np.zeros((vocab, hidden))
+    np.add.at(want, ids.reshape(-1), np.concatenate([g.reshape(-1, hidden) for g in grads]))
+    np.testing.assert_allclose(rg.values, want[rg.rows], rtol=1e-5, atol=1e-5)
