@@ -285,20 +285,21 @@ class _StageFns:
             return lse, total
 
         def grads(h, w, labels, v0, lse, dh_acc, dw_acc):
+            # The block's share is added into the (donated) accumulators inside the kernel's token
+            # loop: no second [T, H] or [Vc, H] fp32 buffer.
             w = w.reshape(-1, H)
             hf = h.reshape(-1, h.shape[-1])
             scale = (labels != IGNORE).astype(jnp.float32)
-            dh, dw = kernels.lce_chunk_grads(hf, w, labels, v0, lse, scale, impl=self.impl)
-            dh, dw = dh.reshape(h.shape), dw.reshape(-1)
-            return (dh if dh_acc is None else dh_acc + dh), (dw if dw_acc is None else dw_acc + dw)
+            dh, dw = kernels.lce_chunk_grads(hf, w, labels, v0, lse, scale, impl=self.impl,
+                                             dh_acc=None if dh_acc is None else dh_acc.reshape(hf.shape),
+                                             dw_acc=dw_acc)
+            return dh.reshape(h.shape), dw.reshape(-1)
 
         def fused(h, w, labels, dw_acc):
-            w = w.reshape(-1, H)
+            # Loss, dh and the head gradient added in fp32 into the engine's (donated) accumulator.
             hf = h.reshape(-1, h.shape[-1])
-            (total, _), vjp = jax.vjp(lambda hh, ww: kernels.linear_cross_entropy(hh, ww, labels, impl=self.impl), hf, w)
-            dh, dw = vjp((jnp.ones((), jnp.float32), np.zeros((), jax.dtypes.float0)))
-            dw = dw.astype(jnp.float32).reshape(-1)
-            return total, dh.astype(jnp.float32).reshape(h.shape), (dw if dw_acc is None else dw_acc + dw)
+            total, _, dh, dw = kernels.lce_fused_accumulate(hf, w.reshape(-1, H), labels, dw_acc, impl=self.impl)
+            return total, dh.reshape(h.shape), dw.reshape(-1)
 
         def logits(h, w):
             return jnp.einsum("bsh,vh->bsv", h, w.reshape(-1, H), preferred_element_type=jnp.float32)
