@@ -214,6 +214,15 @@ class _Acts:
 
 # --------------------------------------------------------------------------- compiled stage functions
 
+def _one_count(opt_state: Any) -> bool:
+    """Whether an optax state has exactly one field named count (else take the step count)."""
+    try:
+        optax.tree_utils.tree_get(opt_state, "count")
+        return True
+    except KeyError:
+        return False
+
+
 def _batch_field(batch: Any, name: str) -> np.ndarray | None:
     value = batch.get(name) if isinstance(batch, dict) else getattr(batch, name, None)
     return None if value is None else np.asarray(value)
@@ -1151,11 +1160,35 @@ class SlidingEngine:
         units = {}
         for name, unit in self.host.units.items():
             if name in self.dev_state:
-                opt = jax.tree.map(np.asarray, jax.device_get(self.dev_state[name]["opt"]))
+                opt = self._resident_opt_state(name)
             else:
                 opt = self.opt_state[name].state_dict() if name in self.opt_state else {}
             units[name] = {"master": unit.master, "opt": opt}
         return {"step": np.int64(self.step_count), "units": units}
+
+    # A resident unit's optimizer state is saved in the host optimizer's format, so a checkpoint
+    # does not depend on which units were resident (the planner may choose differently next time).
+
+    def _resident_opt_state(self, name: str) -> dict[str, Any]:
+        opt = jax.tree.map(np.asarray, jax.device_get(self.dev_state[name]["opt"]))
+        count = np.asarray(self.step_count, np.int32)
+        if not getattr(self.opt, "supports_rows", False):  # HostOptax: the optax state over the same tree
+            return {"count": count, "opt_state": opt}
+        layout = self.host.units[name].layout
+        flat = lambda tree: np.concatenate([np.asarray(tree[n]).reshape(-1) for n in layout.names])  # noqa: E731
+        return {"count": np.asarray(optax.tree_utils.tree_get(opt, "count"), np.int32) if _one_count(opt) else count,
+                "mu": flat(optax.tree_utils.tree_get(opt, "mu")), "nu": flat(optax.tree_utils.tree_get(opt, "nu"))}
+
+    def _resident_opt_from(self, name: str, saved: dict[str, Any]) -> Any:
+        ref = self.dev_state[name]["opt"]
+        put = lambda r, v: jax.device_put(np.asarray(v, r.dtype).reshape(r.shape), r.sharding)  # noqa: E731
+        if not getattr(self.opt, "supports_rows", False):
+            return jax.tree.map(put, ref, saved["opt_state"])
+        layout = self.host.units[name].layout
+        tree = lambda flat: layout.views(np.asarray(flat).reshape(-1))  # noqa: E731
+        new = optax.tree_utils.tree_set(ref, mu=tree(saved["mu"]), nu=tree(saved["nu"]),
+                                        count=np.asarray(saved["count"], np.int32))
+        return jax.tree.map(put, ref, new)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a `state_dict()` (same model and optimizer); device copies are refreshed."""
@@ -1172,8 +1205,7 @@ class SlidingEngine:
             if name in self.dev_state:
                 st = self.dev_state[name]
                 st["master"] = jax.device_put(unit.master, self.dev_sharding)
-                st["opt"] = jax.tree.map(lambda ref, v: jax.device_put(np.asarray(v, ref.dtype), ref.sharding),
-                                         st["opt"], src["opt"])
+                st["opt"] = self._resident_opt_from(name, src["opt"])
                 st["weights"] = st["master"].astype(self.dtype)
             else:
                 if name in self.opt_state:

@@ -223,6 +223,41 @@ def test_state_dict_roundtrip_resumes_exactly():
         np.testing.assert_array_equal(unit.master, host_c.units[name].master, err_msg=name)
 
 
+@pytest.mark.parametrize("opt", ["adamw", "sgd"])
+@pytest.mark.parametrize("before,after", [(0, 2), (2, 0)])
+def test_checkpoint_resumes_with_other_resident_layers(opt, before, after):
+    """A state_dict does not depend on which units were resident: saved with `before` resident
+    layers and resumed with `after`, training continues as if uninterrupted."""
+    cfg = make_cfg(False, 97)
+    rng = np.random.default_rng()
+    params = init_params(cfg, seed=int(rng.integers(1 << 30)))
+    batches = [random_batch(rng, cfg.vocab_size, 2, packed=True) for _ in range(4)]
+
+    def engine(resident):
+        host = HostModel(cfg)
+        host.load_tree(params)
+        optimizer = adamw() if opt == "adamw" else HostOptax(tx_for(opt))
+        return host, SlidingEngine(host, optimizer, compute_dtype="float32", max_grad_norm=0.5,
+                                   resident_layers=resident)
+
+    host_a, a = engine(before)
+    for b in batches:
+        a.step(b)
+    a.sync()
+    _, b_ = engine(before)
+    for b in batches[:2]:
+        b_.step(b)
+    state = jax.tree.map(np.copy, b_.state_dict())
+    host_c, c = engine(after)
+    c.load_state_dict(state)
+    assert c.step_count == 2
+    for b in batches[2:]:
+        c.step(b)
+    c.sync()
+    for name, unit in host_a.units.items():
+        assert rel_err(host_c.units[name].master, unit.master) < RTOL, name
+
+
 def test_bad_batches_are_refused():
     from slidejax.errors import SlidejaxError
 
