@@ -123,39 +123,71 @@ class Trace:
 
 
 class HostWorker:
-    """One host thread running optimizer updates, most urgent first.
+    """One host thread running optimizer updates, most urgent *ready* task first.
 
     Priorities are (step, rank): every update of a step runs before any of the next step's (a
     unit's updates must stay in step order), and within a step ranks follow the order in which
     the next forward pass needs the units, so a backlog never delays the unit the GPU will wait
-    for first. Exceptions are re-raised in the driver.
+    for first. A task may name the array it reads (`waits_for`, a download): among the tasks of
+    the earliest step, the most urgent one whose input has landed runs first, and only when none
+    has does the worker wait, for the one submitted first (downloads land in issue order). So the
+    host never idles on a gradient still in flight while another is ready. Exceptions are
+    re-raised in the driver.
     """
 
     def __init__(self, trace: Trace | None):
-        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._tasks: list[tuple] = []  # (priority, seq, name, fn, done, waits_for)
+        self._cond = threading.Condition()
+        self._busy = 0
         self._seq = itertools.count()
         self._error: BaseException | None = None
         self._trace = trace
         self._thread = threading.Thread(target=self._run, daemon=True, name="slidejax-host-optimizer")
         self._thread.start()
 
-    def submit(self, priority: tuple[int, int], name: str, fn: Callable[[], None], done: threading.Event) -> None:
+    def submit(self, priority: tuple[int, int], name: str, fn: Callable[[], None], done: threading.Event,
+               waits_for: Any = None) -> None:
         self.check()
         done.clear()
-        self._queue.put((priority, next(self._seq), name, fn, done))
+        with self._cond:
+            self._tasks.append((priority, next(self._seq), name, fn, done, waits_for))
+            self._cond.notify_all()
 
     def stop(self) -> None:
         """End the thread (after the queued work), so no thread is cut off inside native code at
         interpreter exit."""
         if self._thread.is_alive():
-            self._queue.put(((float("inf"),), next(self._seq), "stop", None, threading.Event()))
+            self.submit((float("inf"), 0), "stop", None, threading.Event())
             self._thread.join()
+
+    @staticmethod
+    def _landed(task: tuple) -> bool:
+        waits_for = task[5]
+        try:
+            return waits_for is None or waits_for.is_ready()
+        except Exception:  # noqa: BLE001 - a failed transfer: let the task run and raise it
+            return True
+
+    def _next(self) -> tuple:
+        """The task to run now (called with the lock held and tasks queued)."""
+        first_step = min(t[0][0] for t in self._tasks)
+        current = [t for t in self._tasks if t[0][0] == first_step]
+        ready = [t for t in current if self._landed(t)]
+        task = min(ready, key=lambda t: t[:2]) if ready else min(current, key=lambda t: t[1])
+        self._tasks.remove(task)
+        return task
 
     def _run(self) -> None:
         while True:
-            _, _, name, fn, done = self._queue.get()
+            with self._cond:
+                while not self._tasks:
+                    self._cond.wait()
+                _, _, name, fn, done, _ = self._next()
+                self._busy += 1
             if fn is None:
-                self._queue.task_done()
+                with self._cond:
+                    self._busy -= 1
+                    self._cond.notify_all()
                 return
             try:
                 start = self._trace.now() if self._trace else 0.0
@@ -167,10 +199,14 @@ class HostWorker:
                 self._error = e
             finally:
                 done.set()
-                self._queue.task_done()
+                with self._cond:
+                    self._busy -= 1
+                    self._cond.notify_all()
 
     def join(self) -> None:
-        self._queue.join()
+        with self._cond:
+            while self._tasks or self._busy:
+                self._cond.wait()
         self.check()
 
     def check(self) -> None:
@@ -931,7 +967,7 @@ class SlidingEngine:
                 if i == 0 and rowgrad is not None:
                     self.worker.submit((self.step_count, -1), f"embedding rows {mb}",
                                        functools.partial(self._add_rows, rowgrad, mb, nxt.host[mb]),
-                                       self._rows_added[mb])
+                                       self._rows_added[mb], waits_for=nxt.host[mb])
                 last_out = dx
             if i == 0:
                 self._staging_guard = last_out
@@ -1002,7 +1038,8 @@ class SlidingEngine:
             g = host_view(grad).reshape(shape)  # waits for the download to land
             self.opt.update(state, unit.master.reshape(shape), g, upload,
                             decay_split=unit.layout.decay_split, grad_scale=scale)
-        self.worker.submit((self.step_count, self._priority(name)), f"update {name}", run, self.ready[name])
+        self.worker.submit((self.step_count, self._priority(name)), f"update {name}", run, self.ready[name],
+                           waits_for=grad)
 
     def _shape(self, unit: Unit) -> tuple[int, ...]:
         return (unit.rows[1] - unit.rows[0], self.cfg.hidden_size) if unit.rows else unit.master.shape

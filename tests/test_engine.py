@@ -270,3 +270,39 @@ def test_bad_batches_are_refused():
         engine.step({**batch, "input_ids": batch["input_ids"] + 97})
     with pytest.raises(SlidejaxError, match="no supervised tokens"):
         engine.step({**batch, "labels": np.full_like(batch["labels"], -100)})
+
+
+class _Landing:
+    """Stands in for a download: `is_ready` until the test says it landed."""
+
+    def __init__(self, ready: bool):
+        self.ready = ready
+
+    def is_ready(self) -> bool:
+        return self.ready
+
+
+@pytest.mark.parametrize("landed", [False, True])
+def test_host_worker_runs_the_most_urgent_ready_task_and_keeps_step_order(landed):
+    import threading
+
+    from slidejax.engine import HostWorker
+
+    worker = HostWorker(None)
+    order, gate = [], threading.Event()
+    download = _Landing(landed)
+    ev = lambda: threading.Event()  # noqa: E731
+    worker.submit((0, -9), "gate", gate.wait, ev())  # holds the worker while the rest is queued
+    worker.submit((1, 0), "next step", lambda: order.append("next step"), ev())
+    worker.submit((0, 1), "urgent", lambda: order.append("urgent"), ev(), waits_for=download)
+
+    def lazy():
+        order.append("lazy")
+        download.ready = True  # lands while the worker does other work
+    worker.submit((0, 5), "lazy", lazy, ev())
+    gate.set()
+    worker.join()
+    worker.stop()
+    # A gradient still in flight does not hold up ready work; a landed one goes first; the next
+    # step's work always waits for this step's.
+    assert order == (["urgent", "lazy", "next step"] if landed else ["lazy", "urgent", "next step"])
