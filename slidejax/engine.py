@@ -522,6 +522,7 @@ class SlidingEngine:
         self._staging_guard: Any = None  # the last computation that read the staging buffers
         self._pending_embed: tuple | None = None
         self._embed_job: tuple | None = None
+        self._row_grads: list[RowGradient | None] = [None, None]
 
     # ----- device memory plan
 
@@ -936,7 +937,13 @@ class SlidingEngine:
 
         window = self._window
         last_out = None
-        rowgrad = None if self.all_resident else RowGradient(ids)
+        rowgrad = None
+        if not self.all_resident:
+            # Two row-gradient buffers, alternating: step n's is read by its embedding update
+            # until step n+1's forward; step n+2 reuses it after that update is done.
+            previous = self._row_grads[self.step_count % 2]
+            rowgrad = RowGradient(ids, None if previous is None else previous.buffer)
+            self._row_grads[self.step_count % 2] = rowgrad
         self._rows_added = [threading.Event() for _ in range(M)]
         for i in range(self.L - 1, -1, -1):
             if last_out is not None and f"layers.{i + 1}" not in self.resident:
