@@ -47,8 +47,9 @@ schedule is the same everywhere), so nothing can interleave differently across p
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -101,6 +102,15 @@ def assign_owners(sizes: dict[str, int], n_processes: int) -> dict[str, int]:
     return owners
 
 
+@functools.lru_cache(maxsize=None)
+def _combine(mesh: Mesh) -> Callable[[jax.Array], jax.Array]:
+    """Sum of one device's piece and zeros on the others: the weights on every device (one
+    compilation per mesh and unit size, shared by every engine on the mesh)."""
+    n_dev = mesh.devices.size
+    return jax.jit(lambda x: x.reshape(n_dev, -1).sum(axis=0, dtype=x.dtype),
+                   out_shardings=NamedSharding(mesh, P(), memory_kind="device"), donate_argnums=0)
+
+
 class Cluster:
     """The devices of all processes as one process-major data-parallel mesh, and the collectives
     the engine needs (each called by every process, in the same order)."""
@@ -122,10 +132,7 @@ class Cluster:
         self.mesh = Mesh(np.array(self.devices), ("data",))
         self.replicated = NamedSharding(self.mesh, P(), memory_kind="device")
         self.rows = NamedSharding(self.mesh, P("data"), memory_kind="device")
-        n_dev = len(self.devices)
-        # Sum of one device's piece and zeros elsewhere: the weights on every device.
-        self._combine = jax.jit(lambda x: x.reshape(n_dev, -1).sum(axis=0, dtype=x.dtype),
-                                out_shardings=self.replicated, donate_argnums=0)
+        self._combine = _combine(self.mesh)
 
     # ----- rows of the global batch
 
@@ -185,7 +192,7 @@ class Cluster:
         """Before a step's first collective: every process's batch is valid and of the same
         shape. Returns (global supervised tokens, whether any process needs segment masks); on a
         mismatch every process raises (no process is left waiting in a collective)."""
-        head = np.array([int(ok), *shape, tokens, int(masked)], np.int64)
+        head = np.array([int(ok), *shape, tokens, int(masked)], np.int32)
         every = self.allgather(head)
         bad = [int(p) for p in np.nonzero(every[:, 0] == 0)[0]]
         if bad:
@@ -200,9 +207,10 @@ class Cluster:
         """Sum row-sparse gradients over processes: (sorted distinct rows of all processes, their
         fp32 sums). The sums are added on the host in process order, so every process gets the
         same bits."""
-        counts = self.allgather(np.array(rows.shape[0], np.int64))
-        width = max(1, int(counts.max()))
-        pad_rows = np.full(width, -1, np.int64)
+        counts = self.allgather(np.array(rows.shape[0], np.int32))
+        # Padded to a power of two: a few shapes, so a few compilations, however counts vary.
+        width = 1 << max(6, int(counts.max() - 1).bit_length())
+        pad_rows = np.full(width, -1, np.int32)
         pad_rows[: rows.shape[0]] = rows
         pad_vals = np.zeros((width, values.shape[1]), np.float32)
         pad_vals[: rows.shape[0]] = values

@@ -615,7 +615,8 @@ class SlidingEngine:
                 for i, n in enumerate(layout.names)}
         tx = self.opt.to_optax(mask=mask)
         master = jax.device_put(unit.master, self.dev_sharding)
-        opt_state = jax.jit(lambda m: tx.init(layout.views(m)))(master)
+        # Placed like the master: scalars such as the step count would otherwise land on one device.
+        opt_state = jax.jit(lambda m: tx.init(layout.views(m)), out_shardings=self.dev_sharding)(master)
         dtype = self.dtype
 
         def update(master, opt_state, grad, scale):

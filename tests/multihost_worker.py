@@ -1,9 +1,10 @@
 """One process of a multi-process run on CPU (a subprocess of tests/test_multihost.py), and the
 shared recipe (model, batches, schedule) its single-process reference also uses.
 
-    python multihost_worker.py PORT PROCESS_ID PROCESSES DEVICES OUT_DIR SEED CASE[,CASE...] [--bad]
+    python multihost_worker.py PORT PROCESS_ID PROCESSES DEVICES OUT_DIR SEED CASE@N[,CASE@N...] [--bad]
 
-For each case: train STEPS steps on this process's rows of each global batch, gather the full
+DEVICES simulated CPU devices per process; a case runs on the first N of each process's. For
+each case: train STEPS steps on this process's rows of each global batch, gather the full
 state (step STEPS), hand this process's shard to a fresh engine (built from other weights), take
 one more step there and gather again (step STEPS + 1). Process 0 saves the gathered states; every
 process saves its metrics, the units it owns and whether the others' masters were released.
@@ -20,11 +21,11 @@ import numpy as np
 
 STEPS = 3
 M, ROWS, SEQ = 2, 4, 8  # micro-batches, global rows per micro-batch, sequence length
-CASES = {  # name: (vocab, tied, max_grad_norm, resident_layers)
+CASES = {  # name: (vocab, tied, max_grad_norm, resident_layers); cases of one model share compilations
     "untied-clip": (600, False, 1e-3, 0),  # 3 vocabulary blocks: two-pass head, lm_head blocks owned
-    "untied-noclip": (97, False, 0.0, 1),  # 1 block: fused head; one resident layer
+    "untied-noclip": (600, False, 0.0, 1),  # and one resident layer
     "tied-clip": (600, True, 1e-3, 0),
-    "tied-noclip": (97, True, 0.0, 0),
+    "tied-noclip": (600, True, 0.0, 0),
 }
 
 
@@ -156,13 +157,15 @@ def main() -> None:
     devices = jax.devices()
     assert len(devices) == count * n_dev, devices
     report = {}
-    for case in cases.split(","):
-        info, states = run(case, seed, devices, index, count)
-        report[case] = info
+    for spec in cases.split(","):
+        case, n = spec.split("@")
+        per = [[d for d in devices if d.process_index == p][: int(n)] for p in range(count)]
+        info, states = run(case, seed, [d for ds in per for d in ds], index, count)
+        report[spec] = info
         if index == 0:
-            np.savez(f"{out}/{case}.npz", **states)
+            np.savez(f"{out}/{spec}.npz", **states)
     if "--bad" in sys.argv:
-        report["bad"] = bad_batches(cases.split(",")[0], seed, devices, index, count)
+        report["bad"] = bad_batches(cases.split(",")[0].split("@")[0], seed, devices, index, count)
     with open(f"{out}/process{index}.json", "w") as f:
         json.dump(report, f)
 
