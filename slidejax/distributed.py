@@ -34,7 +34,11 @@ What is shared and how:
   distinct rows and sums are all-gathered and added in process order, so every process applies
   the identical update. (Owning embedding blocks would need an exchange of looked-up rows every
   micro-batch; the embedding is a small share of a large model's state.) With tied embeddings
-  the lm_head is those same replicated units.
+  the lm_head is those same replicated units. Resident units (`resident_layers`) live on every
+  device, as on one host, and have no owner.
+- Errors. Before a step's first collective the processes exchange their batch shapes and whether
+  their batch is valid: a bad batch on one process raises a SlidejaxError on every process
+  instead of leaving the others waiting in a collective.
 - Checkpoints. `engine.state_dict()` returns this process's shard (its owned units plus the
   replicated ones) marked with `"shard": {"process_index", "process_count"}`; `state_dict(
   gather=True)` (collective) gives every process the full single-process state, and
@@ -42,7 +46,8 @@ What is shared and how:
   export). `load_state_dict` takes a shard of this process or a full state.
 
 Every collective is issued by each process's driver thread in the same order (the engine's
-schedule is the same everywhere), so nothing can interleave differently across processes.
+schedule is the same everywhere), so nothing can interleave differently across processes. The
+`Trainer` (and so `slidejax train`) is one process's and refuses to build under several.
 """
 
 from __future__ import annotations

@@ -3,13 +3,13 @@ shared recipe (model, batches, schedule) its single-process reference also uses.
 
     python multihost_worker.py PORT PROCESS_ID PROCESSES DEVICES OUT_DIR SEED CASE@N[,CASE@N...] [--bad]
 
-DEVICES simulated CPU devices per process; a case runs on the first N of each process's. For
-each case: train STEPS steps on this process's rows of each global batch, gather the full
+DEVICES simulated CPU devices per process ("gpu": the GPU(s) CUDA_VISIBLE_DEVICES leaves this
+process); a case runs on the first N of each process's devices. For each case: train STEPS steps on this process's rows of each global batch, gather the full
 state (step STEPS), hand this process's shard to a fresh engine (built from other weights), take
 one more step there and gather again (step STEPS + 1). Process 0 saves the gathered states; every
 process saves its metrics, the units it owns and whether the others' masters were released.
 With --bad, afterwards process 1 passes an invalid batch, then batches of another shape: every
-process must raise SlidejaxError (not hang).
+process must raise SlidejaxError (not hang); and the Trainer must refuse to build.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ M, ROWS, SEQ = 2, 4, 8  # micro-batches, global rows per micro-batch, sequence l
 CASES = {  # name: (vocab, tied, max_grad_norm, resident_layers); cases of one model share compilations
     "untied-clip": (600, False, 1e-3, 0),  # 3 vocabulary blocks: two-pass head, lm_head blocks owned
     "untied-noclip": (600, False, 0.0, 1),  # and one resident layer
-    "tied-clip": (600, True, 1e-3, 0),
-    "tied-noclip": (600, True, 0.0, 0),
+    "all-resident": (600, False, 1e-3, 3),  # every unit on the devices: nothing owned
+    "tied-clip": (97, True, 1e-3, 0),  # 1 block: the fused head, reading the replicated embedding
+    "tied-noclip": (97, True, 0.0, 0),
 }
 
 
@@ -140,22 +141,32 @@ def bad_batches(case: str, seed: int, devices, index: int, count: int) -> list[s
         except SlidejaxError as e:
             errors.append(str(e))
     engine.close()
+    # The Trainer is one process's (data, checkpoints, logs): it refuses several.
+    from slidejax import Trainer, from_config
+
+    try:
+        Trainer(from_config(model_config(case)), steps=1).build()
+        errors.append("no error")
+    except SlidejaxError as e:
+        errors.append(str(e))
     return errors
 
 
 def main() -> None:
     port, index, count, n_dev, out, seed, cases = sys.argv[1:8]
-    index, count, n_dev, seed = int(index), int(count), int(n_dev), int(seed)
+    index, count, seed = int(index), int(count), int(seed)
     import jax
 
-    jax.config.update("jax_num_cpu_devices", n_dev)
+    if n_dev != "gpu":
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", int(n_dev))
     jax.config.update("jax_default_matmul_precision", "highest")
     from slidejax import distributed
 
     distributed.initialize(f"localhost:{port}", num_processes=count, process_id=index)
     assert jax.process_count() == count and jax.process_index() == index
     devices = jax.devices()
-    assert len(devices) == count * n_dev, devices
+    assert n_dev == "gpu" or len(devices) == count * int(n_dev), devices
     report = {}
     for spec in cases.split(","):
         case, n = spec.split("@")

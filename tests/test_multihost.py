@@ -4,9 +4,9 @@ Two processes, each using one (and in one case two) simulated CPU devices, train
 their halves of the same global batches (`tests/multihost_worker.py`); their gathered training
 state (fp32 masters, AdamW moments, step counts) and per-step metrics must equal one process with
 one device on the whole batches, which tests/test_engine.py checks against whole-model optax.
-Covered: clipping on and off, tied and untied embeddings, several vocabulary blocks and one (fused
-head), a resident layer, a shard handed to a fresh engine, and invalid or mismatched batches on
-one process raising on every process instead of hanging.
+Covered: clipping on and off, tied and untied embeddings, a resident layer and every layer
+resident, a shard handed to a fresh engine, `gather_masters`, invalid or mismatched batches on one
+process raising on every process instead of hanging, and the Trainer refusing several processes.
 """
 
 from __future__ import annotations
@@ -35,15 +35,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(tmp_path: Path, n_dev: int, seed: int, cases: list[str], bad: bool = False,
+def launch(tmp_path: Path, n_dev: int | str, seed: int, cases: list[str], bad: bool = False,
            processes: int = 2, timeout: float = 240) -> tuple[dict[int, dict], dict[str, tuple]]:
     """Run the worker in `processes` processes (meanwhile, the cases' references here); any
     failure kills them all at once (a process whose peer died would otherwise wait in a
-    collective until jax's timeouts). Returns (each process's report, each case's reference)."""
+    collective until jax's timeouts). n_dev "gpu": process r gets GPU r. Returns (each
+    process's report, each case's reference)."""
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")]),
-               XLA_FLAGS="--xla_backend_optimization_level=0")  # compiles in about half the time
+                                                        os.environ.get("PYTHONPATH", "")]))
+    if n_dev != "gpu":
+        env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # compiles in about half the time
     def cmd(r: int) -> list[str]:
         return [sys.executable, str(WORKER), str(port), str(r), str(processes), str(n_dev), str(tmp_path),
                 str(seed), ",".join(cases)] + (["--bad"] if bad else [])
@@ -52,12 +54,13 @@ def launch(tmp_path: Path, n_dev: int, seed: int, cases: list[str], bad: bool = 
     procs = []
     try:
         for r in range(processes):
-            procs.append(subprocess.Popen(cmd(r), stdout=logs[r], stderr=subprocess.STDOUT, env=env))
+            penv = dict(env, CUDA_VISIBLE_DEVICES=str(r)) if n_dev == "gpu" else env
+            procs.append(subprocess.Popen(cmd(r), stdout=logs[r], stderr=subprocess.STDOUT, env=penv))
         deadline = time.monotonic() + timeout
         by_case: dict[str, tuple] = {}
         for spec in cases:
             case = spec.split("@")[0]
-            by_case[case] = by_case.get(case) or reference(case, seed)
+            by_case[case] = by_case.get(case) or reference(case, seed, "gpu" if n_dev == "gpu" else "cpu")
         refs = {spec: by_case[spec.split("@")[0]] for spec in cases}
         while any(p.poll() is None for p in procs):
             failed = [r for r, p in enumerate(procs) if p.returncode not in (None, 0)]
@@ -81,12 +84,12 @@ def launch(tmp_path: Path, n_dev: int, seed: int, cases: list[str], bad: bool = 
     return {r: json.loads((tmp_path / f"process{r}.json").read_text()) for r in range(processes)}, refs
 
 
-def reference(case: str, seed: int) -> tuple[list, dict[str, np.ndarray]]:
+def reference(case: str, seed: int, platform: str = "cpu") -> tuple[list, dict[str, np.ndarray]]:
     """One process, one device, whole batches: metrics of every step, states after STEPS and
     STEPS + 1 steps."""
     import jax
 
-    engine = mw.make_engine(case, seed, [jax.devices()[0]])
+    engine = mw.make_engine(case, seed, [jax.devices(platform)[0]])
     metrics, states = [], {}
     for i, b in enumerate(mw.global_batches(case, seed)):
         if i == mw.STEPS:
@@ -106,13 +109,15 @@ def check_case(tmp_path: Path, spec: str, report: dict[int, dict], refs: dict[st
         np.testing.assert_allclose(rep[spec]["metrics"], ref_metrics, rtol=1e-5, err_msg=f"process {r}")
     # Every sharded unit has exactly one owner; both own some; the others' masters are released.
     units = {k.split("/")[1] for k in ref if k.startswith("s0/") and k.endswith("/master")}
-    resident = {f"layers.{i}" for i in range(3 - mw.CASES[case][3], 3)}
-    embed = {u for u in units if u.startswith("embed.")}
+    n_resident = mw.CASES[case][3]
+    resident = units if n_resident == 3 else {f"layers.{i}" for i in range(3 - n_resident, 3)}
+    embed = {u for u in units if u.startswith("embed.")} - resident
     owned = [set(rep[spec]["owned"]) for rep in report.values()]
     assert all(embed <= o for o in owned)  # the embedding is replicated
     sharded = [o - embed for o in owned]
-    assert all(sharded) and not sharded[0] & sharded[1]
+    assert not sharded[0] & sharded[1]
     assert sharded[0] | sharded[1] == units - resident - embed
+    assert all(sharded) or not units - resident - embed
     for r, rep in report.items():
         assert rep[spec]["released"], f"process {r} kept masters of units it does not own"
         assert set(rep[spec]["shard_units"]) == owned[r] | resident
@@ -135,10 +140,11 @@ def check_case(tmp_path: Path, spec: str, report: dict[int, dict], refs: dict[st
 
 
 def test_two_processes_same_state_as_one(tmp_path):
-    """2 processes x 1 device: clipping on and off, tied and untied, a resident layer; then
+    """2 processes x 1 device: clipping on and off, tied and untied, resident layers; then
     2 processes x 2 devices; then invalid batches on one process."""
     seed = int(np.random.default_rng().integers(1 << 20))
-    specs = ["untied-clip@1", "untied-noclip@1", "tied-clip@1", "tied-noclip@1", "untied-clip@2"]
+    specs = ["untied-clip@1", "untied-noclip@1", "all-resident@1", "tied-clip@1", "tied-noclip@1",
+             "untied-clip@2"]
     report, refs = launch(tmp_path, 2, seed, specs, bad=True)
     for spec in specs:
         check_case(tmp_path, spec, report, refs)
@@ -147,6 +153,7 @@ def test_two_processes_same_state_as_one(tmp_path):
     assert "process(es) [1] rejected" in report[0]["bad"][0]
     for r in (0, 1):
         assert "different shapes" in report[r]["bad"][1]
+        assert "the Trainer runs in one process" in report[r]["bad"][2]
 
 
 def test_owners_balanced_and_interleaved():
@@ -161,3 +168,17 @@ def test_owners_balanced_and_interleaved():
     assert assign_owners(sizes, 1) == {u: 0 for u in sizes}
     many = assign_owners({f"layers.{i}": 5 for i in range(7)}, 3)
     assert sorted(list(many.values()).count(p) for p in range(3)) == [2, 2, 3]
+
+
+@pytest.mark.gpu
+def test_two_processes_one_gpu_each(tmp_path):
+    """The same contract on two GPUs, one per process (NCCL), in float32."""
+    import jax
+
+    if len(jax.devices("gpu")) < 2:
+        pytest.skip("needs two GPUs")
+    seed = int(np.random.default_rng().integers(1 << 20))
+    specs = ["untied-clip@1", "tied-noclip@1"]
+    report, refs = launch(tmp_path, "gpu", seed, specs, timeout=540)
+    for spec in specs:
+        check_case(tmp_path, spec, report, refs)
