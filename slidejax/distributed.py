@@ -63,6 +63,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from slidejax.errors import SlidejaxError
+from slidejax.host_memory import host_view
 
 __all__ = ["Cluster", "assign_owners", "initialize", "spans_processes"]
 
@@ -151,9 +152,10 @@ class Cluster:
         return jax.make_array_from_process_local_data(sharding or self.rows, local, shape)
 
     def local_rows(self, x: jax.Array) -> np.ndarray:
-        """This process's rows of a row-split global array (any memory kind), in row order."""
+        """This process's rows of a row-split global array (any memory kind), in row order; with
+        one local device a view of its host buffer (valid while `x` lives)."""
         shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-        parts = [np.asarray(s.data) for s in shards]
+        parts = [host_view(s.data) for s in shards]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def gather_rows(self, local: np.ndarray, axis: int = 0) -> np.ndarray:

@@ -566,7 +566,7 @@ class SlidingEngine:
         if micro_batch is None:
             raise SlidejaxError("resident_layers='auto' needs micro_batch=(rows, seq_len)")
         rows, seq = micro_batch
-        rows = max(1, rows // len(self.devices))
+        rows = max(1, rows // len(self.local_devices))
         # Layer counts are monotone in memory: bisect the largest that fits.
         lo, hi = 0, self.L
         while lo < hi:
@@ -575,6 +575,8 @@ class SlidingEngine:
                 lo = mid
             else:
                 hi = mid - 1
+        if self.dist is not None:  # every process must choose the same units: the fewest any fits
+            lo = int(self.dist.allgather(np.array(lo, np.int32)).min())
         return lo
 
     def _check_budget(self, shape: tuple[int, ...], segments: bool) -> None:
