@@ -1007,7 +1007,8 @@ class SlidingEngine:
         units = self.host.embed_units
         if self.all_resident:
             dxs = jnp.stack([dy.dev[mb] if dy.dev[mb] is not None else dy.get(mb) for mb in range(M)])
-            ids_dev = jax.device_put(ids if self.dist is None else self.dist.gather_rows(ids, axis=1), self.dev_sharding)
+            every = ids if self.dist is None else self.dist.gather_rows(ids, axis=1)  # all processes' rows
+            ids_dev = jax.device_put(every, self.dev_sharding)
             grads = fns.embed_grads(ids_dev, dxs,
                                     tuple((u.rows[1] - u.rows[0], u.rows[0]) for u in units))
             for u, g in zip(units, grads):

@@ -4,9 +4,10 @@ shared recipe (model, batches, schedule) its single-process reference also uses.
     python multihost_worker.py PORT PROCESS_ID PROCESSES DEVICES OUT_DIR SEED CASE@N[,CASE@N...] [--bad]
 
 DEVICES simulated CPU devices per process ("gpu": the GPU(s) CUDA_VISIBLE_DEVICES leaves this
-process); a case runs on the first N of each process's devices. For each case: train STEPS steps on this process's rows of each global batch, gather the full
-state (step STEPS), hand this process's shard to a fresh engine (built from other weights), take
-one more step there and gather again (step STEPS + 1). Process 0 saves the gathered states; every
+process); a case runs on the first N of each process's devices. For each case: train STEPS
+steps on this process's rows of each global batch, gather the full state (step STEPS), hand this
+process's shard to a fresh engine (built from other weights), take one more step there and
+gather again (step STEPS + 1). Process 0 saves the gathered states; every
 process saves its metrics, the units it owns and whether the others' masters were released.
 With --bad, afterwards process 1 passes an invalid batch, then batches of another shape: every
 process must raise SlidejaxError (not hang); and the Trainer must refuse to build.
