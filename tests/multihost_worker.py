@@ -1,4 +1,4 @@
-"""One process of a multi-process run on CPU (a subprocess of tests/test_multihost.py), and the
+"""One process of a multi-process run (a subprocess of tests/test_multihost.py), and the
 shared recipe (model, batches, schedule) its single-process reference also uses.
 
     python multihost_worker.py PORT PROCESS_ID PROCESSES DEVICES OUT_DIR SEED CASE@N[,CASE@N...] [--bad]
