@@ -47,6 +47,7 @@ import optax
 
 from slidejax import kernels
 from slidejax.config import ModelConfig
+from slidejax.distributed import Cluster, assign_owners, spans_processes
 from slidejax.embedding import RowGradient, gather_rows
 from slidejax.errors import SlidejaxError
 from slidejax.host_memory import (HostModel, PinnedBuffer, Unit, host_memory_kind, host_view, memory_sharding,
@@ -436,7 +437,10 @@ class SlidingEngine:
       devices: several local devices for data parallelism (default: `device` alone). Every
         micro-batch is split by rows across them; each layer's weights are uploaded to every
         device from the one host copy, weight gradients are all-reduced on the devices and
-        downloaded once, so host state and host updates exist once, not per device.
+        downloaded once, so host state and host updates exist once, not per device. Devices of
+        several processes (after `slidejax.distributed.initialize`; e.g. `jax.devices()`): each
+        process steps on its own rows and owns a share of the host state
+        (`slidejax.distributed` says how).
       gpu_memory: a device memory budget (per device) ("24GB", bytes, or None/"unlimited"). Checked against
         the plan (`plan_memory`) before the first step; an infeasible budget raises a
         SlidejaxError naming what does not fit.
@@ -457,7 +461,11 @@ class SlidingEngine:
         self.prefetch = prefetch
         self.max_grad_norm = float(max_grad_norm)
         self.devices = list(devices) if devices else [device or jax.devices()[0]]
-        self.device = self.devices[0]
+        self.dist = Cluster(self.devices) if spans_processes(self.devices) else None
+        if self.dist is not None:
+            self.devices = self.dist.devices
+        self.local_devices = self.dist.local if self.dist else self.devices
+        self.device = self.local_devices[0]
         self.host_sharding = memory_sharding(self.device, host_memory_kind(self.device))
         if len(self.devices) == 1:
             self.dev_sharding = memory_sharding(self.device, "device")
@@ -465,7 +473,7 @@ class SlidingEngine:
         else:
             from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-            mesh = Mesh(np.array(self.devices), ("data",))
+            mesh = self.dist.mesh if self.dist else Mesh(np.array(self.devices), ("data",))
             self.mesh = mesh
             self.dev_sharding = NamedSharding(mesh, P(), memory_kind="device")  # replicated weights
             self.act_sharding = NamedSharding(mesh, P("data"), memory_kind="device")  # rows split
@@ -493,6 +501,10 @@ class SlidingEngine:
         if self.all_resident:
             self.resident |= set(host.units)
         head_names = {u.name for u in host.head_units}
+        # Several processes: each streamed unit but the (replicated) embedding has one owner.
+        self.owner: dict[str, int] = {} if self.dist is None else assign_owners(
+            {n: u.master.size for n, u in host.units.items()
+             if n not in self.resident and not n.startswith("embed.")}, self.dist.count)
         self.ready: dict[str, threading.Event] = {}
         self.upload_buf: dict[str, Any] = {}  # streamed: PinnedBuffer, or numpy (host-only embedding)
         self.opt_state: dict[str, Any] = {}
@@ -506,6 +518,9 @@ class SlidingEngine:
                 if optimizer is None:
                     raise SlidejaxError("resident units need an optimizer")
                 self._init_resident(unit)
+                continue
+            if not self._owns(name):  # its owner alone keeps master, state and upload copy
+                unit.master = np.zeros(unit.master.size, np.float32)  # lazily allocated: no memory
                 continue
             if name.startswith("embed.") and name not in head_names:
                 buf = np.empty(unit.master.shape, self.np_dtype)  # only gathered from, on the host
@@ -588,7 +603,7 @@ class SlidingEngine:
         if micro_batch is None:
             raise SlidejaxError("resident_layers='auto' needs micro_batch=(rows, seq_len)")
         rows, seq = micro_batch
-        rows = max(1, rows // len(self.devices))
+        rows = max(1, rows // len(self.local_devices))
         # Layer counts are monotone in memory: bisect the largest that fits.
         lo, hi = 0, self.L
         while lo < hi:
@@ -597,6 +612,8 @@ class SlidingEngine:
                 lo = mid
             else:
                 hi = mid - 1
+        if self.dist is not None:  # every process must choose the same units: the fewest any fits
+            lo = int(self.dist.allgather(np.array(lo, np.int32)).min())
         return lo
 
     def _check_budget(self, shape: tuple[int, ...], segments: bool) -> None:
@@ -614,6 +631,20 @@ class SlidingEngine:
 
     # ----- placement helpers
 
+    def _owns(self, name: str) -> bool:
+        """Whether this process keeps unit `name`'s host state (always, on one process)."""
+        return self.dist is None or self.owner.get(name, self.dist.index) == self.dist.index
+
+    def _put_rows(self, local: np.ndarray) -> jax.Array:
+        """This process's rows of a batch array, split over the devices by rows."""
+        if self.dist is not None:
+            return self.dist.put_rows(local, self.act_sharding)
+        return jax.device_put(np.ascontiguousarray(local), self.act_sharding)
+
+    def _local(self, value: jax.Array) -> np.ndarray:
+        """This process's rows of a row-split array, as numpy."""
+        return np.asarray(value) if self.dist is None else self.dist.local_rows(value)
+
     def _tree_of(self, unit: Unit) -> Callable[[np.ndarray], Any]:
         return lambda flat: unit.layout.views(flat.reshape(-1))
 
@@ -623,7 +654,8 @@ class SlidingEngine:
                 for i, n in enumerate(layout.names)}
         tx = self.opt.to_optax(mask=mask)
         master = jax.device_put(unit.master, self.dev_sharding)
-        opt_state = jax.jit(lambda m: tx.init(layout.views(m)))(master)
+        # Placed like the master: scalars such as the step count would otherwise land on one device.
+        opt_state = jax.jit(lambda m: tx.init(layout.views(m)), out_shardings=self.dev_sharding)(master)
         dtype = self.dtype
 
         def update(master, opt_state, grad, scale):
@@ -671,6 +703,13 @@ class SlidingEngine:
             return self.dev_state[name]["weights"]
         self.ready[name].wait()
         self.worker.check()
+        if self.dist is not None:
+            buf = self.upload_buf.get(name)  # only on the owner (or everywhere, if replicated)
+            out = self.dist.upload(None if buf is None else buf.array, self.host.units[name].master.size,
+                                   self.dtype, self.owner.get(name))
+            if self.trace:
+                self.trace.device("upload", name, out)
+            return out
         return self._upload_array(self.upload_buf[name].array, name, self.dev_sharding)
 
     def _compute(self, what: str, value: Any) -> Any:
@@ -687,11 +726,10 @@ class SlidingEngine:
         if self.opt is None:
             raise SlidejaxError("this engine was built for inference (no optimizer)")
         t0 = time.perf_counter()
-        ids, labels, pos, seg = self._arrays(batch)
-        n_tokens = int(np.sum(labels != IGNORE))
+        ids, labels, pos, seg, n_tokens, masked = self._batch(batch)
         if n_tokens == 0:
             raise SlidejaxError("a training step has no supervised tokens (all labels are -100)")
-        self._check_budget(ids.shape, seg is not None and any(_needs_segment_mask(x) for x in seg))
+        self._check_budget(ids.shape, masked)
         self._flush_embed_update(ids)
         self.worker.check()
         self._sq_norms: dict[str, Any] = {}
@@ -701,7 +739,7 @@ class SlidingEngine:
         # Without clipping the update scale is known now and updates start as gradients arrive.
         self._scale = None if self.max_grad_norm > 0 else 1.0 / n_tokens
 
-        dev = self._step_inputs(ids, labels, pos, seg)
+        dev = self._step_inputs(ids, labels, pos, seg, masked)
         x_last, ckpt = self._forward(ids, dev, train=True)
         loss_sum, dh, head_state = self._head(x_last, dev, train=True)
         self._backward(ids, dev, ckpt, x_last, dh, head_state)
@@ -728,21 +766,46 @@ class SlidingEngine:
         pos = (np.broadcast_to(np.arange(ids.shape[-1], dtype=np.int32), ids.shape) if pos is None
                else pos.astype(np.int32))
         seg = _batch_field(batch, "segment_ids")
-        if ids.shape[1] % len(self.devices):
+        if ids.shape[1] % len(self.local_devices):
             raise SlidejaxError(f"micro-batch rows ({ids.shape[1]}) must be a multiple of the "
-                                f"{len(self.devices)} devices")
+                                f"{len(self.local_devices)} devices")
         if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
             raise SlidejaxError(f"token id out of range [0, {self.cfg.vocab_size}) in input_ids")
         return ids, labels, pos, seg
 
-    def _step_inputs(self, ids, labels, pos, seg) -> list[dict[str, Any]]:
+    def _batch(self, batch: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, int, bool]:
+        """(ids, labels, positions, segments, supervised tokens, any segment mask needed). With
+        several processes the counts are global, and every process first agrees that all batches
+        are valid and shaped alike (else all raise, rather than some wait in a collective)."""
+        try:
+            ids, labels, pos, seg = self._arrays(batch)
+        except SlidejaxError as e:
+            if self.dist is None:
+                raise
+            try:
+                self.dist.agree(False, (0, 0, 0), 0, False)
+            except SlidejaxError:
+                pass
+            raise e from None
+        tokens = int(np.sum(labels != IGNORE))
+        masked = seg is not None and any(_needs_segment_mask(x) for x in seg)
+        if self.dist is not None:
+            tokens, masked = self.dist.agree(True, ids.shape, tokens, masked)
+            if masked and seg is None:  # another process's rows need masks: one document per row
+                seg = np.ones_like(ids)
+        return ids, labels, pos, seg, tokens, masked
+
+    def _step_inputs(self, ids, labels, pos, seg, masked: bool = False) -> list[dict[str, Any]]:
         out = []
+        # Several processes must all pass segments or none (one compiled program for all).
+        force = masked and self.dist is not None
         for mb in range(ids.shape[0]):
-            s = seg[mb].astype(np.int32) if seg is not None and _needs_segment_mask(seg[mb]) else None
+            need = seg is not None and (force or _needs_segment_mask(seg[mb]))
+            s = seg[mb].astype(np.int32) if need else None
             out.append({
-                "pos": jax.device_put(np.ascontiguousarray(pos[mb]), self.act_sharding),
-                "seg": None if s is None else jax.device_put(s, self.act_sharding),
-                "labels": jax.device_put(np.ascontiguousarray(labels[mb].reshape(-1)), self.act_sharding),
+                "pos": self._put_rows(pos[mb]),
+                "seg": None if s is None else self._put_rows(s),
+                "labels": self._put_rows(labels[mb].reshape(-1)),
             })
         return out
 
@@ -761,7 +824,7 @@ class SlidingEngine:
             ws = [self.dev_state[u.name]["weights"] for u in units]
             firsts = tuple(u.rows[0] for u in units)
             for mb in range(M):
-                x = self.fns.embed_lookup(ws, firsts, jax.device_put(ids[mb], self.act_sharding))
+                x = self.fns.embed_lookup(ws, firsts, self._put_rows(ids[mb]))
                 acts.dev[mb] = x
             return acts
         for u in units:
@@ -775,20 +838,22 @@ class SlidingEngine:
         shape = ids.shape[1:] + (self.cfg.hidden_size,)
         # Every upload from the staging buffers fed layer 0; once that is done they are free.
         jax.block_until_ready(self._staging_guard)
-        n_dev = len(self.devices)
+        n_dev = len(self.local_devices)
         part = (shape[0] // n_dev,) + shape[1:]
+        if self.dist is not None:
+            shape = (self.dist.global_rows(shape[0]),) + shape[1:]
         if self._staging and self._staging[0][0].array.shape != part:
             self._staging = []
         while len(self._staging) < M:
             # One pinned buffer per device: each device's rows go straight to it.
-            self._staging.append([PinnedBuffer(part, self.np_dtype, d) for d in self.devices])
+            self._staging.append([PinnedBuffer(part, self.np_dtype, d) for d in self.local_devices])
         for mb in range(M):
             stages = self._staging[mb]
             rows = np.split(ids[mb], n_dev, axis=0)
             for stage, r in zip(stages, rows):
                 gather_rows(tables, r, stage.host)
             # The staged rows are also layer 0's checkpoint: no download needed.
-            acts.host[mb] = stages[0].array if n_dev == 1 else jax.make_array_from_single_device_arrays(
+            acts.host[mb] = stages[0].array if len(self.devices) == 1 else jax.make_array_from_single_device_arrays(
                 shape, self.act_host_sharding, [st.array for st in stages])
         return acts
 
@@ -854,7 +919,7 @@ class SlidingEngine:
             for c, u in enumerate(units):
                 w = self._weights(u.name)
                 for mb in range(M):
-                    parts[mb][c] = np.asarray(fns.logits(h.get(mb), w))
+                    parts[mb][c] = self._local(fns.logits(h.get(mb), w))
             return [np.concatenate(p, axis=-1) for p in parts], None, state
 
         if C == 1 and train:
@@ -985,7 +1050,8 @@ class SlidingEngine:
         units = self.host.embed_units
         if self.all_resident:
             dxs = jnp.stack([dy.dev[mb] if dy.dev[mb] is not None else dy.get(mb) for mb in range(M)])
-            ids_dev = jax.device_put(ids, self.dev_sharding)
+            every = ids if self.dist is None else self.dist.gather_rows(ids, axis=1)  # all processes' rows
+            ids_dev = jax.device_put(every, self.dev_sharding)
             grads = fns.embed_grads(ids_dev, dxs,
                                     tuple((u.rows[1] - u.rows[0], u.rows[0]) for u in units))
             for u, g in zip(units, grads):
@@ -1014,6 +1080,9 @@ class SlidingEngine:
             acc = jax.device_put(acc, self.dev_sharding)  # the all-reduce, on the devices
         grad, sq = self.fns.finish(acc)
         self._compute(f"grad {name}", grad)
+        if not self._owns(name):  # another process downloads and updates it
+            self._sq_norms[name] = sq
+            return
         host_grad = self._download(grad, f"grad {name}")
         self._sq_norms[name] = sq
         if tied:
@@ -1055,9 +1124,9 @@ class SlidingEngine:
         buf = self.upload_buf[name]
         return buf.host if isinstance(buf, PinnedBuffer) else buf
 
-    @staticmethod
-    def _add_rows(rowgrad: RowGradient, mb: int, dx_host: jax.Array) -> None:
-        rowgrad.add(mb, host_view(dx_host))  # waits for the download to land
+    def _add_rows(self, rowgrad: RowGradient, mb: int, dx_host: jax.Array) -> None:
+        # Waits for the download to land; with several processes, this process's rows.
+        rowgrad.add(mb, host_view(dx_host) if self.dist is None else self.dist.local_rows(dx_host))
 
     def _embedding_gradient(self) -> float:
         """Sum the layer-0 input gradients per distinct token (host, as soon as they land) and
@@ -1069,6 +1138,9 @@ class SlidingEngine:
             added.wait()
         self.worker.check()
         values = rowgrad.values
+        if self.dist is not None:  # every process's rows: the replicated embedding's gradient
+            rowgrad.rows, rowgrad.values = self.dist.reduce_rows(rowgrad.rows, values)
+            values = rowgrad.values
         if not self.cfg.tie_word_embeddings:
             return rowgrad.sq_norm()
         # Tied: |head + rows|^2 = |head|^2 (already counted) + sum over rows of 2 head.r + r.r
@@ -1160,12 +1232,12 @@ class SlidingEngine:
     def eval_loss(self, batch: Any) -> tuple[float, int]:
         """(summed loss, supervised tokens) of `batch` with the current weights; no update."""
         self.sync()
-        ids, labels, pos, seg = self._arrays(batch)
-        dev = self._step_inputs(ids, labels, pos, seg)
+        ids, labels, pos, seg, tokens, masked = self._batch(batch)
+        dev = self._step_inputs(ids, labels, pos, seg, masked)
         x_last, _ = self._forward(ids, dev, train=False)
         total, _, _ = self._head(x_last, dev, train=False)
         self._window.clear()
-        return float(total), int(np.sum(labels != IGNORE))
+        return float(total), tokens
 
     def logits(self, input_ids: np.ndarray, positions: np.ndarray | None = None,
                segment_ids: np.ndarray | None = None) -> np.ndarray:
@@ -1175,8 +1247,8 @@ class SlidingEngine:
         batch = {"input_ids": ids,
                  "positions": None if positions is None else np.asarray(positions)[None],
                  "segment_ids": None if segment_ids is None else np.asarray(segment_ids)[None]}
-        ids, labels, pos, seg = self._arrays(batch)
-        dev = self._step_inputs(ids, labels, pos, seg)
+        ids, labels, pos, seg, _, masked = self._batch(batch)
+        dev = self._step_inputs(ids, labels, pos, seg, masked)
         x_last, _ = self._forward(ids, dev, train=False)
         out, _, _ = self._head(x_last, dev, train=False, want_logits=True)
         self._window.clear()
@@ -1197,18 +1269,61 @@ class SlidingEngine:
 
     # ----- training state (what a checkpoint holds)
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, gather: bool = False) -> dict[str, Any]:
         """The full training state as a tree of numpy arrays: per unit its fp32 master weights
-        and optimizer state, plus the step count. Finishes pending updates first."""
+        and optimizer state, plus the step count. Finishes pending updates first.
+
+        With several processes, this process's shard: the units it owns and the replicated ones,
+        marked `"shard": {"process_index", "process_count"}` (`load_state_dict` of the same
+        process takes it back). `gather=True` (every process must call it) gives every process
+        the full state instead, as one process would have it."""
         self.sync()
         units = {}
         for name, unit in self.host.units.items():
+            if not self._owns(name):
+                continue
             if name in self.dev_state:
                 opt = self._resident_opt_state(name)
             else:
                 opt = self.opt_state[name].state_dict() if name in self.opt_state else {}
             units[name] = {"master": unit.master, "opt": opt}
-        return {"step": np.int64(self.step_count), "units": units}
+        state = {"step": np.int64(self.step_count), "units": units}
+        if self.dist is not None and gather:
+            for name in self.owner:  # the same order on every process
+                got = self._gather_unit(name)
+                if name not in units:
+                    units[name] = got
+            state["units"] = {name: units[name] for name in self.host.units}
+        elif self.dist is not None:
+            state["shard"] = {"process_index": np.int64(self.dist.index),
+                              "process_count": np.int64(self.dist.count)}
+        return state
+
+    def _gather_unit(self, name: str) -> dict[str, Any]:
+        """Unit `name`'s master and optimizer state, sent by its owner to every process
+        (collective: every process calls it for every owned unit, in the same order)."""
+        unit = self.host.units[name]
+        if self._owns(name):
+            tree = {"master": unit.master, "opt": self.opt_state[name].state_dict() if self.opt else {}}
+        else:
+            template = self.opt.init(self._shape(unit), tree_of=self._tree_of(unit)) if self.opt else None
+            tree = {"master": np.zeros(unit.master.size, np.float32),
+                    "opt": template.state_dict() if template else {}}
+        return self.dist.broadcast(jax.tree.map(np.asarray, tree), self.owner[name])
+
+    def gather_masters(self) -> None:
+        """Copy every unit's current fp32 master into this process's `HostModel` (collective:
+        every process calls it; with one process, just `sync`). Units other processes own get a
+        snapshot (they keep training there): for export or evaluation at the end of a run."""
+        self.sync()
+        if self.dist is None:
+            return
+        for name, owner in self.owner.items():
+            unit = self.host.units[name]
+            mine = unit.master if self._owns(name) else np.zeros(unit.master.size, np.float32)
+            got = self.dist.broadcast({"master": mine}, owner)["master"]
+            if not self._owns(name):
+                unit.master = np.array(got, np.float32)
 
     # A resident unit's optimizer state is saved in the host optimizer's format, so a checkpoint
     # does not depend on which units were resident (the planner may choose differently next time).
@@ -1237,10 +1352,18 @@ class SlidingEngine:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a `state_dict()` (same model and optimizer); device copies are refreshed."""
         self.sync()
-        missing = set(self.host.units) - set(state["units"])
+        shard = state.get("shard")
+        if shard is not None and (self.dist is None or int(shard["process_count"]) != self.dist.count
+                                  or int(shard["process_index"]) != self.dist.index):
+            here = "one process" if self.dist is None else f"process {self.dist.index} of {self.dist.count}"
+            raise SlidejaxError(f"checkpoint is the shard of process {int(shard['process_index'])} of "
+                                f"{int(shard['process_count'])}, not of {here}: load the full state")
+        missing = {n for n in self.host.units if self._owns(n)} - set(state["units"])
         if missing:
             raise SlidejaxError(f"checkpoint lacks units {sorted(missing)[:3]}: not this model")
         for name, unit in self.host.units.items():
+            if not self._owns(name):  # held by its owner (a full state has it too)
+                continue
             src = state["units"][name]
             master = np.asarray(src["master"], np.float32).reshape(-1)
             if master.shape != unit.master.shape:

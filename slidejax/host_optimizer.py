@@ -175,7 +175,7 @@ def decay_mask(params: PyTree) -> PyTree:
 
 
 def _cpu() -> jax.Device:
-    return jax.devices("cpu")[0]
+    return jax.local_devices(backend="cpu")[0]  # this process's: with several processes the list is global
 
 
 def _unit_shape(unit: np.ndarray | int | tuple[int, ...]) -> tuple[int, ...]:

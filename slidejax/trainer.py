@@ -718,6 +718,10 @@ class Trainer:
         from slidejax.host_optimizer import make_host_optimizer
 
         c = self.config
+        if jax.process_count() > 1:
+            # Its data, checkpoints, logs and export are one process's: not silently P copies.
+            raise SlidejaxError("the Trainer runs in one process; across several processes drive "
+                                "SlidingEngine(devices=jax.devices()) directly (see slidejax.distributed)")
         if self.total_steps is None:
             if self._train is None and self._data_paths(None, "train") is not None and c.schedule != "constant":
                 self.set_train_data()
@@ -735,8 +739,6 @@ class Trainer:
             kwargs["gpu_memory"] = c.gpu_memory
         kwargs["micro_batch"] = (c.micro_batch_size, c.seq_len)  # the budget is checked before allocating
         if c.devices > 1:
-            import jax
-
             local = jax.local_devices()
             if c.devices > len(local):
                 raise SlidejaxError(f"devices={c.devices} but only {len(local)} local devices exist")
