@@ -29,6 +29,9 @@ def parse_args():
     p.add_argument("--resident-layers", default="0",
                    help="decoder layers kept on the GPU, or auto (as many as the budget fits)")
     p.add_argument("--host-threads", type=int, default=None, help="host optimizer threads (default: cores - 1)")
+    p.add_argument("--devices", type=int, default=1,
+                   help="local GPUs for data parallelism (micro-batch rows split across them; "
+                        "keep the tokens per GPU fixed to measure scaling)")
     p.add_argument("--micro-batch-tokens", type=int, default=16384, help="tokens per micro-batch (at most)")
     p.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--moments", default="float32", choices=["float32", "bfloat16"], help="AdamW moment dtype")
@@ -56,6 +59,8 @@ def main() -> None:
     from slidejax.host_memory import HostModel
     from slidejax.host_optimizer import HostAdamW
 
+    if args.devices > len(jax.local_devices()):
+        raise SystemExit(f"--devices {args.devices}: only {len(jax.local_devices())} local devices")
     shape = common.model_shape(args)
     hidden = args.hidden or shape.hidden
     cfg = ModelConfig(model_type="llama", vocab_size=shape.vocab, hidden_size=hidden,
@@ -86,7 +91,7 @@ def main() -> None:
         engine = SlidingEngine(host, opt, compute_dtype="bfloat16", prefetch=args.prefetch,
                                resident_layers=args.layers if args.resident else resident,
                                max_grad_norm=args.clip, gpu_memory=budget, trace=args.trace is not None,
-                               micro_batch=(rows, args.seq_len))
+                               micro_batch=(rows, args.seq_len), devices=jax.local_devices()[: args.devices])
         setup_s = time.perf_counter() - t0
 
         seq = args.seq_len
@@ -140,7 +145,8 @@ def main() -> None:
     notes = (f"micro-batches {micro}x{rows}x{seq}, prefetch {args.prefetch}, clip {args.clip}, "
              f"moments {args.moments}, resident layers {engine.resident_layers}"
              + (" (auto)" if args.resident_layers == "auto" and not args.resident else "")
-             + (f", host threads {opt.threads}" if args.host_threads else ""))
+             + (f", host threads {opt.threads}" if args.host_threads else "")
+             + (f", {args.devices} devices" if args.devices > 1 else ""))
     plan = engine.plan_memory((rows, seq)) if not args.tiny else {}
     result = common.make_result(system=name, shape=shape, layers=args.layers, seq_len=seq,
                                 tokens_per_step=args.tokens_per_step, step_times=times, peaks=peaks,
