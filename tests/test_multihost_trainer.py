@@ -10,6 +10,7 @@ equal the one-process run's. Process 1 writes and prints nothing.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -46,10 +47,11 @@ def _settings(tmp_path: Path, seed: int) -> list[str]:
             "--warmup", "1", "--max-grad-norm", "0.5", "--no-progress", "--run-name", "r"]
 
 
-def launch(tmp_path: Path, args: list[str], name: str, meanwhile=None, timeout: float = 150) -> list[str]:
-    """`slidejax <args>` in two processes (and `meanwhile()` here in the meantime). Any failure
-    or the timeout kills both at once (a process whose peer died would otherwise wait in a
-    collective until jax's own timeouts). Returns their outputs."""
+def launch(tmp_path: Path, args: list[str], name: str, meanwhile=None, timeout: float = 150,
+           worker: list[str] | None = None) -> list[str]:
+    """`slidejax <args>` (or `worker` PORT PROCESS_ID <args>) in two processes, and `meanwhile()`
+    here in the meantime. Any failure or the timeout kills both at once (a process whose peer
+    died would otherwise wait in a collective until jax's own timeouts). Returns their outputs."""
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
@@ -60,7 +62,8 @@ def launch(tmp_path: Path, args: list[str], name: str, meanwhile=None, timeout: 
     try:
         for r in range(2):
             cmd = [sys.executable, "-m", "slidejax.cli", *args, "--coordinator", f"localhost:{port}",
-                   "--num-processes", "2", "--process-id", str(r)]
+                   "--num-processes", "2", "--process-id", str(r)] if worker is None else \
+                [sys.executable, *worker, str(port), str(r), *args]
             procs.append(subprocess.Popen(cmd, stdout=logs[r], stderr=subprocess.STDOUT, env=env, cwd=tmp_path))
         deadline = time.monotonic() + timeout
         if meanwhile is not None:
@@ -157,3 +160,38 @@ def test_cli_two_processes_equal_one_and_resume(tmp_path):
     assert "resuming" in outs[0] and "resuming" not in outs[1]
     assert_same_checkpoint(two / "r" / "checkpoints" / str(STEPS), one / "r" / "checkpoints" / str(STEPS))
     assert [(r["kind"], r["step"]) for r in records(two / "r")] == [(r["kind"], r["step"]) for r in want]
+
+
+def test_trainer_two_processes_export(tmp_path):
+    """The Python API on two processes: `fit(until_step=...)`, then `export` (gathered masters,
+    written by process 0) gives the one-process run's weights."""
+    from safetensors.numpy import load_file
+
+    worker = Path(__file__).with_name("multihost_trainer_worker.py")
+    spec = importlib.util.spec_from_file_location("multihost_trainer_worker", worker)
+    mw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mw)
+    seed = int(np.random.default_rng().integers(1000))
+    _settings(tmp_path, seed)  # writes train.jsonl
+    data = str(tmp_path / "train.jsonl")
+    launch(tmp_path, [str(tmp_path / "two"), data, str(seed)], "api", worker=[str(worker)],
+           meanwhile=lambda: mw.train_and_export(str(tmp_path / "one"), data, seed))
+
+    def weights(folder: Path) -> dict[str, np.ndarray]:
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    got, want = weights(tmp_path / "two" / "hf"), weights(tmp_path / "one" / "hf")
+    assert got.keys() == want.keys() and len(want) > 10
+    for key, w in want.items():
+        assert got[key].dtype == np.float32 and got[key].shape == w.shape, key
+        err = np.linalg.norm(got[key].astype(np.float64) - w) / np.linalg.norm(w.astype(np.float64))
+        assert err < 1e-5, f"{key}: relative error {err:.2e}"
+    # Two steps moved the weights away from the preset's.
+    import slidejax
+
+    init = slidejax.load_pretrained("tiny", dtype="float32").params()
+    assert not np.array_equal(init["norm"], want["model.norm.weight"])
+    assert (tmp_path / "two" / "r" / "checkpoints" / "2").is_dir()  # fit(until_step) saved
