@@ -96,7 +96,7 @@ _TRAIN_OPTIONS: list[tuple[str, str, dict[str, Any], str]] = [
      "decoder layers kept on the GPU with their optimizer state instead of streamed (default 0; "
      "auto: as many as --gpu-memory, or the GPU, fits)"),
     ("system", "devices", dict(type=int, metavar="N"),
-     "local accelerators for data parallelism; micro-batch rows are split across them (default 1)"),
+     "local accelerators for data parallelism (per process); micro-batch rows are split across them (default 1)"),
     ("system", "trace", dict(metavar="FILE"), "write a Chrome/Perfetto trace of the engine's timeline to FILE"),
 ]
 

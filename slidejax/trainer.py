@@ -92,8 +92,9 @@ class TrainConfig:
       compute_dtype (auto = bfloat16 on a GPU, float32 on CPU), gpu_memory / host_memory (budgets
       like "24GB"; the run is refused up front when it cannot fit), prefetch (layers uploaded
       ahead), resident_layers (layers kept on the GPU; "auto": as many as gpu_memory fits), devices (local accelerators for data
-      parallelism: each micro-batch's rows are split across them), trace (write a Chrome trace to
-      this file).
+      parallelism, per process: each micro-batch's rows are split across them, and across the
+      processes of a `slidejax.distributed` run), trace (write a Chrome trace to this file;
+      process 0's timeline).
     """
 
     model: str = "tiny"
@@ -616,6 +617,14 @@ class Trainer:
     `step(batch)` runs one optimizer step; `fit(data)` runs the configured schedule with eval,
     checkpoints, progress and metrics; `save()` / `Trainer.restore(...)` / `resume(...)` handle
     checkpoints; `export(path)` writes a Hugging Face folder.
+
+    Several processes (after `slidejax.distributed.initialize`): every process builds the same
+    Trainer with the same settings and data and calls the same methods (each is collective).
+    Batches are global: each process steps on its rows (`process_rows`), so a run equals the
+    one-process run on the same batches; eval losses are global. Process 0 alone writes the run
+    directory (settings, metrics, TensorBoard, loss plot, progress), the checkpoints (the state
+    gathered from every process) and exports; every process reads a checkpoint to resume, so the
+    output directory must be on a filesystem all processes see.
     """
 
     def __init__(self, model: Any, optimizer: Any = None, config: TrainConfig | None = None, *,
