@@ -865,6 +865,8 @@ class Trainer:
             self.set_eval_data(eval_data)
         if self._eval is None:
             raise SlidejaxError("no eval data: pass an eval data file (--eval-data)")
+        if jax.process_count() > 1:
+            self.build()  # the engine over every process's devices, not a per-process one
         engine = self.engine if self.engine is not None else self.model.engine
         if hasattr(self._eval, "rewind"):
             self._eval.rewind()
