@@ -189,17 +189,26 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         self.snapshot = snapshot
         self._pending: int | None = None
+        local = _this_process_only()
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
         for item in ("params", "optimizer"):
-            handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_type_registry(copy=snapshot))
+            handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_type_registry(copy=snapshot), **local)
             registry.add(item, ocp.args.PyTreeSave, handler)
             registry.add(item, ocp.args.PyTreeRestore, handler)
-        meta = ocp.JsonCheckpointHandler()
+        meta = ocp.JsonCheckpointHandler(**local)
         registry.add("meta", ocp.args.JsonSave, meta)
         registry.add("meta", ocp.args.JsonRestore, meta)
+        create = not read_only
+        if local and create:  # orbax creates the root only with a barrier over all processes
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise SlidejaxError(f"{self.directory}: cannot create the checkpoints directory "
+                                    f"({e.strerror or e})") from None
+            create = False
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep_last or None, enable_async_checkpointing=True, create=not read_only,
-            read_only=read_only)
+            max_to_keep=keep_last or None, enable_async_checkpointing=True, create=create,
+            read_only=read_only, **local)
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
         except OSError as e:
@@ -289,6 +298,16 @@ class Checkpointer:
             self.wait()
         finally:
             self.manager.close()
+
+
+def _this_process_only() -> dict[str, Any]:
+    """With several jax processes, orbax options that make a checkpointer this process's alone
+    (it writes everything and waits at no cross-process barrier): the Trainer gathers the state
+    and process 0 writes it, every process reads it. Empty with one process."""
+    if jax.process_count() == 1:
+        return {}
+    me = jax.process_index()
+    return {"multiprocessing_options": _ocp().options.MultiprocessingOptions(primary_host=me, active_processes={me})}
 
 
 def _numpy_handler_copies() -> bool:

@@ -4,6 +4,7 @@
     slidejax train --model path/to/hf --data train.jsonl --eval-data eval.jsonl --steps 1000
     slidejax train --config run.toml --lr 1e-5      # TOML settings, flags override them
     slidejax train --resume runs/<name>             # continue a run bit-exactly
+    slidejax train --coordinator host0:1234 --num-processes 2 --process-id R ...   # on each host
     slidejax export runs/<name> --hf out/ --dtype bfloat16
     slidejax info [MODEL | RUN]
 
@@ -95,7 +96,7 @@ _TRAIN_OPTIONS: list[tuple[str, str, dict[str, Any], str]] = [
      "decoder layers kept on the GPU with their optimizer state instead of streamed (default 0; "
      "auto: as many as --gpu-memory, or the GPU, fits)"),
     ("system", "devices", dict(type=int, metavar="N"),
-     "local accelerators for data parallelism; micro-batch rows are split across them (default 1)"),
+     "local accelerators for data parallelism (per process); micro-batch rows are split across them (default 1)"),
     ("system", "trace", dict(metavar="FILE"), "write a Chrome/Perfetto trace of the engine's timeline to FILE"),
 ]
 
@@ -136,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     for group, field, kwargs, text in _TRAIN_OPTIONS:
         g = groups.get(group) or groups.setdefault(group, train.add_argument_group(group))
         g.add_argument(_flag(field), dest=field, default=None, help=text, **kwargs)
+    hosts = train.add_argument_group(
+        "several processes", "one process per host, each started with the same settings (or set "
+        "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); every process reads the same data "
+        "and trains on its share of each batch; process 0 writes the run's files, on a filesystem all "
+        "processes see (they all read checkpoints to resume)")
+    hosts.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address, for jax.distributed")
+    hosts.add_argument("--num-processes", type=int, metavar="P", help="how many processes take part")
+    hosts.add_argument("--process-id", type=int, metavar="R", help="this process's index, 0 .. P-1")
     train.set_defaults(func=cmd_train)
 
     export = sub.add_parser(
@@ -184,12 +193,29 @@ def _model_folder(name: str) -> Path:
     return preset_path(name)
 
 
+def _join_processes(args: argparse.Namespace) -> bool:
+    """Join a multi-process run when asked (flags or the standard JAX_* variables), before
+    anything touches jax's backends. Returns whether this process prints (process 0, or alone)."""
+    import os
+
+    flags = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in flags) or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        from slidejax import distributed
+
+        distributed.initialize(*flags)
+    import jax
+
+    return jax.process_index() == 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    main = _join_processes(args)
     from slidejax.config import ModelConfig
     from slidejax.metrics import format_bytes
     from slidejax.presets import PRESETS
-    from slidejax.trainer import (TrainConfig, Trainer, check_host_memory, check_run_dir, data_paths,
-                                  default_run_name, latest_run, load_tokenizer, make_loader, restore_setup)
+    from slidejax.trainer import (TrainConfig, Trainer, broadcast_text, check_host_memory, check_run_dir,
+                                  data_paths, default_run_name, latest_run, load_tokenizer, make_loader,
+                                  on_main_process, restore_setup, run_together)
 
     overrides = _overrides(args)
     config = TrainConfig.load(args.config, **overrides)
@@ -201,10 +227,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         for key in ("resume", "run_name", "output_dir"):  # the checkpoint's location decides these
             overrides.pop(key, None)
         config, model = restore_setup(resume, None, overrides, toml=args.config)
-        print(f"resuming {resume}")
+        if main:
+            print(f"resuming {resume}")
         trainer = Trainer(model, None, config)
         trainer.resume(resume)  # checks the model, the data and the checkpoint before anything is written
-        return _fit(trainer)
+        return _fit(trainer, main)
 
     folder = _model_folder(config.model)
     model_cfg = ModelConfig.from_pretrained(folder)
@@ -216,8 +243,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise SlidejaxError("no training data: pass --data FILE (a .txt or .jsonl file)")
     eval_paths = data_paths(config, "eval", preset)
     changes: dict[str, Any] = {"data": train_paths, "eval_data": eval_paths}
-    if config.run_name is None:
-        changes["run_name"] = default_run_name(preset or folder.resolve().name)
+    if config.run_name is None:  # made from the clock: process 0's, on every process
+        changes["run_name"] = broadcast_text(default_run_name(preset or folder.resolve().name))
     config = config.replace(**changes)
     train = make_loader(config, tokenizer, train_paths, "train")
     evals = make_loader(config, tokenizer, eval_paths, "eval") if eval_paths else None
@@ -229,33 +256,42 @@ def cmd_train(args: argparse.Namespace) -> int:
                     on_overlong="error", format=config.format).count_steps()
     run = Path(config.output_dir) / config.run_name
     existed = run.exists()
-    check_run_dir(run, resuming=False)
-    try:
+    on_main_process(lambda: check_run_dir(run, resuming=False))  # process 0 writes the run
+
+    def load() -> tuple[bool, dict[str, int], Any]:
         snapshot, need = check_host_memory(model_cfg, config)
         from slidejax.pretrained import load_pretrained
         from slidejax.trainer import _resolve_dtype
 
-        model = load_pretrained(preset or str(folder), dtype=_resolve_dtype(config.compute_dtype))
+        return snapshot, need, load_pretrained(preset or str(folder), dtype=_resolve_dtype(config.compute_dtype))
+
+    try:
+        snapshot, need, model = run_together(load)  # refused on one process: refused on all
     except BaseException:
-        if not existed and run.is_dir() and not any(run.iterdir()):
+        if main and not existed and run.is_dir() and not any(run.iterdir()):
             run.rmdir()  # leave nothing behind for a run that never started
         raise
     trainer = Trainer(model, None, config, tokenizer=tokenizer)
     trainer.set_train_data(train)
     trainer.set_eval_data(evals)
     total_need = sum(v for k, v in need.items() if snapshot or k != "snapshot")
+    if not main:
+        return _fit(trainer, main)
     print(f"model   {model}")
     print(f"data    {', '.join(train_paths)}: {train.num_documents} documents; "
           f"{config.micro_batches} x {config.micro_batch_size} x {config.seq_len} tokens per step")
     print(f"host    about {format_bytes(total_need)} of RAM"
           + ("" if snapshot else " (no room for checkpoint snapshots: training waits for each save)"))
     print(f"output  {run}")
-    return _fit(trainer)
+    return _fit(trainer, main)
 
 
-def _fit(trainer: Any) -> int:
+def _fit(trainer: Any, main: bool = True) -> int:
+    """Train, then (process 0) report; the exit status is the same on every process."""
     summary = trainer.fit()
     trainer.close()
+    if not main:
+        return EXIT_SIGNAL.get(summary["interrupted"], EXIT_ERROR) if summary.get("interrupted") else 0
     run = summary["run_dir"]
     ev, tr = summary.get("eval"), summary.get("train")
     if summary.get("documents_truncated"):

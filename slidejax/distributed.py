@@ -47,7 +47,9 @@ What is shared and how:
 
 Every collective is issued by each process's driver thread in the same order (the engine's
 schedule is the same everywhere), so nothing can interleave differently across processes. The
-`Trainer` (and so `slidejax train`) is one process's and refuses to build under several.
+`Trainer` (and so `slidejax train --coordinator ...`) runs on several processes the same way:
+every process reads the same data and steps on its rows of each global batch; checkpoints are
+gathered and written by process 0, and every process reads them to resume.
 """
 
 from __future__ import annotations

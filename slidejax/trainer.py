@@ -92,8 +92,9 @@ class TrainConfig:
       compute_dtype (auto = bfloat16 on a GPU, float32 on CPU), gpu_memory / host_memory (budgets
       like "24GB"; the run is refused up front when it cannot fit), prefetch (layers uploaded
       ahead), resident_layers (layers kept on the GPU; "auto": as many as gpu_memory fits), devices (local accelerators for data
-      parallelism: each micro-batch's rows are split across them), trace (write a Chrome trace to
-      this file).
+      parallelism, per process: each micro-batch's rows are split across them, and across the
+      processes of a `slidejax.distributed` run), trace (write a Chrome trace to this file;
+      process 0's timeline).
     """
 
     model: str = "tiny"
@@ -476,7 +477,9 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_
 
     All prompts run as one right-padded batch of fixed width, so one compiled forward serves every
     generated token (the logits are recomputed for the whole prefix each time, which is fine for
-    the short task prompts this is for).
+    the short task prompts this is for). With several processes every process passes all the
+    prompts (its rows of a global batch of copies; the forward is collective) and runs all
+    `max_new_tokens` forwards, so none waits for another that stopped early.
     """
     from slidejax.data import encode_prompt
 
@@ -504,7 +507,7 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_
                 out[r].append(int(nxt[r]))
                 ids[r, cur[r]] = nxt[r]
                 cur[r] += 1
-        if done.all():
+        if done.all() and jax.process_count() == 1:  # several: every process runs every forward
             break
     return [tokenizer.decode(o, skip_special_tokens=True) for o in out]
 
@@ -614,6 +617,14 @@ class Trainer:
     `step(batch)` runs one optimizer step; `fit(data)` runs the configured schedule with eval,
     checkpoints, progress and metrics; `save()` / `Trainer.restore(...)` / `resume(...)` handle
     checkpoints; `export(path)` writes a Hugging Face folder.
+
+    Several processes (after `slidejax.distributed.initialize`): every process builds the same
+    Trainer with the same settings and data and calls the same methods (each is collective).
+    Batches are global: each process steps on its rows (`process_rows`), so a run equals the
+    one-process run on the same batches; eval losses are global. Process 0 alone writes the run
+    directory (settings, metrics, TensorBoard, loss plot, progress), the checkpoints (the state
+    gathered from every process) and exports; every process reads a checkpoint to resume, so the
+    output directory must be on a filesystem all processes see.
     """
 
     def __init__(self, model: Any, optimizer: Any = None, config: TrainConfig | None = None, *,
@@ -647,6 +658,8 @@ class Trainer:
         self._fpt = flops_per_token(model.config, config.seq_len)
         self._resumed_from: Path | None = None
         self._skipped = 0
+        self._opened = False  # open_run done (on every process; only process 0 writes files)
+        self._devices: list[Any] | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -718,33 +731,29 @@ class Trainer:
         from slidejax.host_optimizer import make_host_optimizer
 
         c = self.config
-        if jax.process_count() > 1:
-            # Its data, checkpoints, logs and export are one process's: not silently P copies.
-            raise SlidejaxError("the Trainer runs in one process; across several processes drive "
-                                "SlidingEngine(devices=jax.devices()) directly (see slidejax.distributed)")
-        if self.total_steps is None:
-            if self._train is None and self._data_paths(None, "train") is not None and c.schedule != "constant":
-                self.set_train_data()
-            self.total_steps = self._count_total()
-        opt = self._optimizer_arg
-        if opt is None:
-            opt = make_optimizer(c, self.total_steps)
-        self.optimizer = make_host_optimizer(opt)
-        self._snapshot, _ = check_host_memory(self.model.config, c, self.optimizer,
-                                              already_allocated=self.model.host.nbytes)
+
+        def prepare() -> None:
+            if self.total_steps is None:
+                if self._train is None and self._data_paths(None, "train") is not None and c.schedule != "constant":
+                    self.set_train_data()
+                self.total_steps = self._count_total()
+            opt = self._optimizer_arg
+            if opt is None:
+                opt = make_optimizer(c, self.total_steps)
+            self.optimizer = make_host_optimizer(opt)
+            self._snapshot, _ = check_host_memory(self.model.config, c, self.optimizer,
+                                                  already_allocated=self.model.host.nbytes)
+            self._devices = engine_devices(c.devices, c.micro_batch_size)
+
+        run_together(prepare)  # a setting refused on one process is refused on all
         kwargs: dict[str, Any] = dict(compute_dtype=self.compute_dtype, prefetch=c.prefetch,
                                       resident_layers=c.resident_layers, max_grad_norm=c.max_grad_norm,
                                       trace=c.trace is not None)
         if c.gpu_memory is not None:  # only when set: engines without a budget keep working
             kwargs["gpu_memory"] = c.gpu_memory
         kwargs["micro_batch"] = (c.micro_batch_size, c.seq_len)  # the budget is checked before allocating
-        if c.devices > 1:
-            local = jax.local_devices()
-            if c.devices > len(local):
-                raise SlidejaxError(f"devices={c.devices} but only {len(local)} local devices exist")
-            if c.micro_batch_size % c.devices:
-                raise SlidejaxError(f"micro_batch_size {c.micro_batch_size} must be a multiple of devices={c.devices}")
-            kwargs["devices"] = local[: c.devices]
+        if self._devices is not None:
+            kwargs["devices"] = self._devices
         self.engine = SlidingEngine(self.model.host, self.optimizer, **kwargs)
         self.model.attach(self.engine)
 
@@ -767,16 +776,25 @@ class Trainer:
 
     def open_run(self) -> Path:
         """Create the run directory (refusing an unwritable one, or one holding another run's
-        checkpoints when not resuming), save the settings and model files, open the metrics log."""
-        if self._logger is not None:
+        checkpoints when not resuming), save the settings and model files, open the metrics log.
+        With several processes every process calls it (they agree on the run's name) and process
+        0 alone writes."""
+        if self._opened:
             return self.run_dir
+        if self._run_dir is None and self.config.run_name is None and jax.process_count() > 1:
+            self._run_dir = Path(self.config.output_dir) / broadcast_text(default_run_name(self._model_name()))
         run = self.run_dir
-        check_run_dir(run, resuming=self._resumed_from is not None)
-        ckdir = run / "checkpoints"
-        (run / "config.toml").write_text(self.config.to_toml(), encoding="utf-8")
-        self._save_model_files(run / "model")
-        self._ckpt = self._ckpt or Checkpointer(ckdir, keep_last=self.config.keep_last, snapshot=self._snapshot)
-        self._logger = MetricsLogger(run)
+
+        def create() -> None:
+            check_run_dir(run, resuming=self._resumed_from is not None)
+            ckdir = run / "checkpoints"
+            (run / "config.toml").write_text(self.config.to_toml(), encoding="utf-8")
+            self._save_model_files(run / "model")
+            self._ckpt = self._ckpt or Checkpointer(ckdir, keep_last=self.config.keep_last, snapshot=self._snapshot)
+            self._logger = MetricsLogger(run)
+
+        on_main_process(create)
+        self._opened = True
         return run
 
     def _save_model_files(self, folder: Path) -> None:
@@ -797,6 +815,11 @@ class Trainer:
         batch's ids, when known, so the embedding rows it needs are updated first."""
         self.build()
         t_start = time.perf_counter()
+        index, count = jax.process_index(), jax.process_count()
+        if count > 1:  # this process's rows of the global batch
+            batch = process_rows(batch, index, count)
+            if next_input_ids is not None:
+                next_input_ids = process_rows({"input_ids": next_input_ids}, index, count)["input_ids"]
         m = self.engine.step(batch, next_input_ids)
         now = time.perf_counter()
         # Throughput over the whole interval since the previous step (data and logging included);
@@ -807,8 +830,8 @@ class Trainer:
         record: dict[str, Any] = {
             "kind": "train", "step": self.step_count, "loss": m.loss, "grad_norm": m.grad_norm,
             "clip_scale": m.clip_scale, "lr": self.learning_rate(self.step_count - 1), "tokens": m.tokens,
-            "positions": m.positions, "step_seconds": dt, "tokens_per_s": m.positions / dt,
-            "tflops": self._fpt * m.positions / dt / 1e12, "gpu_peak_bytes": gpu_peak_bytes(),
+            "positions": m.positions * count, "step_seconds": dt, "tokens_per_s": m.positions * count / dt,
+            "tflops": self._fpt * m.positions * count / dt / 1e12, "gpu_peak_bytes": gpu_peak_bytes(),
             "host_rss_bytes": host_rss_bytes(), "time": time.time(),
         }
         epoch = getattr(self._train, "epoch", None)
@@ -825,7 +848,7 @@ class Trainer:
             return None
         if not callable(lr):
             return float(lr)
-        with jax.default_device(jax.devices("cpu")[0]):
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):  # this process's
             return float(lr(count))
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -842,12 +865,15 @@ class Trainer:
             self.set_eval_data(eval_data)
         if self._eval is None:
             raise SlidejaxError("no eval data: pass an eval data file (--eval-data)")
+        if jax.process_count() > 1:
+            self.build()  # the engine over every process's devices, not a per-process one
         engine = self.engine if self.engine is not None else self.model.engine
         if hasattr(self._eval, "rewind"):
             self._eval.rewind()
         total, n = 0.0, 0
+        index, count = jax.process_index(), jax.process_count()
         for batch in self._eval:
-            s, k = engine.eval_loss(batch)
+            s, k = engine.eval_loss(batch if count == 1 else process_rows(batch, index, count))  # global sums
             total, n = total + s, n + k
         record: dict[str, Any] = {"kind": "eval", "step": self.step_count,
                                   "eval_loss": total / n if n else float("nan"), "eval_tokens": n}
@@ -872,16 +898,25 @@ class Trainer:
         the state is snapshotted). Returns the checkpoint's directory."""
         self.build()
         self.open_run()
-        state = self.engine.state_dict()  # finishes pending updates: the state of this step
+        several = jax.process_count() > 1
+        # Finishes pending updates: the state of this step (several processes: gathered on each).
+        state = self.engine.state_dict(gather=several)
         meta = {
             "step": self.step_count, "engine_step": int(state["step"]), "total_steps": self.total_steps,
             "data": self._data_state, "rng": self.rng.bit_generator.state, "train_config": self.config.to_dict(),
             "model_config": self.model.config.to_hf_dict(), "optimizer": repr(self.optimizer),
             "time": time.time(),
         }
-        path = self._ckpt.save(self.step_count, params_tree(self.model.host), optimizer_tree(state), meta, wait=wait)
+
+        def write() -> Path:
+            with _masters(self.model.host, state["units"]):  # several processes: the gathered ones
+                params = params_tree(self.model.host)
+            return self._ckpt.save(self.step_count, params, optimizer_tree(state), meta, wait=wait)
+
+        path = on_main_process(write) if several else write()
+        del state
         self._t_last = None
-        return path
+        return path if path is not None else self._checkpoint_path(self.step_count)
 
     def wait(self) -> None:
         """Wait for a checkpoint being written in the background."""
@@ -891,7 +926,9 @@ class Trainer:
     def resume(self, path: str | os.PathLike = "latest") -> Path:
         """Load a checkpoint's full training state (weights, optimizer, step, schedule position,
         data position, RNG) into this trainer; its run directory becomes this run's. `path`: a run
-        directory, a checkpoint directory, or "latest". Returns the checkpoint directory."""
+        directory, a checkpoint directory, or "latest". Returns the checkpoint directory. With
+        several processes every process reads the whole checkpoint (a filesystem all of them
+        see) and keeps its share."""
         folder, step = find_checkpoint(self._resolve_resume(path))
         reader = Checkpointer(folder, keep_last=self.config.keep_last, read_only=True)
         try:
@@ -920,8 +957,11 @@ class Trainer:
                 like = jax.tree.map(np.asarray, unit["opt"])
                 opt[name] = unnest(restored["optimizer"][name], like, where)
             load_params_tree(self.model.host, restored["params"], where)
+            for name, unit in self.model.host.units.items():
+                if name not in state["units"]:  # another process owns it: release it again
+                    unit.master = np.zeros(unit.master.size, np.float32)
             self.engine.load_state_dict({"step": meta["engine_step"], "units": {
-                name: {"master": unit.master, "opt": opt[name]} for name, unit in self.model.host.units.items()}})
+                name: {"master": self.model.host.units[name].master, "opt": opt[name]} for name in state["units"]}})
         finally:
             reader.close()
         self.step_count = int(meta["step"])
@@ -929,10 +969,11 @@ class Trainer:
         self.rng.bit_generator.state = meta["rng"]
         self._resumed_from = reader.path(step)
         self._run_dir = folder.parent
-        if self._logger is None:
+        if not self._opened:
             self.open_run()
-        self._logger.restart_at(self.step_count)
-        self.history = [r for r in read_metrics(self._logger.path) if r.get("step", 0) <= self.step_count]
+        if self._logger is not None:
+            self._logger.restart_at(self.step_count)
+            self.history = [r for r in read_metrics(self._logger.path) if r.get("step", 0) <= self.step_count]
         return self._resumed_from
 
     def _resolve_resume(self, path: str | os.PathLike) -> Path:
@@ -973,14 +1014,15 @@ class Trainer:
         total = self.total_steps
         limits = [x for x in (total, until_step) if x is not None]
         stop_at = min(limits) if limits else None
-        progress = Progress(total, self.step_count, enabled=c.progress)
+        main = jax.process_index() == 0
+        progress = Progress(total, self.step_count, enabled=c.progress and main)
         summary: dict[str, Any] = {"run_dir": str(run), "interrupted": None}
         self._stop = None
         handlers = self._install_signal_handlers()
         try:
             with warnings.catch_warnings():
                 # Warnings (e.g. truncated documents) as one line that does not break the bar.
-                warnings.showwarning = lambda message, *a, **k: progress.write(f"warning: {message}")
+                warnings.showwarning = lambda message, *a, **k: main and progress.write(f"warning: {message}")
                 if self._eval is not None and c.eval_every > 0 and self.step_count == 0:
                     self._report_eval(self.evaluate(), progress)
                 last_eval = last_save = self.step_count
@@ -994,6 +1036,7 @@ class Trainer:
                     before_next = self._loader_state()
                     nxt = self._next(it)
                     m = self.step(batch, None if nxt is None else _input_ids(nxt))
+                    self._agree_stop()
                     self._data_state = before_next
                     progress.update(m)
                     if not math.isfinite(m["loss"]):
@@ -1006,7 +1049,7 @@ class Trainer:
                         self.save()
                         last_save = self.step_count
                     batch = nxt
-            if self._stop is not None:
+            if self._stop is not None and main:
                 progress.write(f"{self._stop}: stopping after step {self.step_count}; saving a checkpoint")
             finished = self._stop is None
             if finished and self._eval is not None and last_eval != self.step_count:
@@ -1023,9 +1066,9 @@ class Trainer:
                     self._ckpt.wait()
             if self._logger is not None:
                 self._logger.flush()
-        if c.trace is not None:
+        if c.trace is not None and main:  # process 0's timeline
             self.engine.save_trace(c.trace)
-        plot = plot_metrics(self.history, run / "loss.png")
+        plot = plot_metrics(self.history, run / "loss.png") if main else None
         truncated = getattr(self._train, "documents_truncated", 0)
         summary.update(step=self.step_count, total_steps=total, checkpoint=str(self._ckpt.path(self.step_count))
                        if self._ckpt and self.step_count in self._ckpt.steps() else None,
@@ -1053,12 +1096,29 @@ class Trainer:
         return fn() if fn is not None else None
 
     def _report_eval(self, record: dict[str, Any], progress: Progress) -> None:
+        if jax.process_index() != 0:
+            return
         text = f"eval @ step {record['step']}: loss {record['eval_loss']:.4f}"
         if "exact_match" in record:
             text += f", exact match {record['exact_match']:.3f}"
             s = record["samples"][0]
             text += f"  (e.g. {s['prompt']!r} -> {s['output']!r})"
         progress.write(text)
+
+    def _agree_stop(self) -> None:
+        """Several processes: a signal caught by any process stops every process after the
+        same step (one tiny exchange per step), so all save the same checkpoint together."""
+        if jax.process_count() == 1:
+            return
+        from jax.experimental import multihost_utils
+
+        mine = signal.Signals[self._stop].value if self._stop is not None else 0
+        every = np.asarray(multihost_utils.process_allgather(np.array(mine, np.int32)))
+        if self._stop is None and every.any():
+            self._stop = signal.Signals(int(every[every > 0][0])).name
+
+    def _checkpoint_path(self, step: int) -> Path:
+        return (self.run_dir / "checkpoints").absolute() / str(step)
 
     # ------------------------------------------------------------------ signals
 
@@ -1086,15 +1146,17 @@ class Trainer:
 
     def export(self, path: str | os.PathLike, dtype: str = "bfloat16") -> Path:
         """Write the current weights as a Hugging Face folder (config.json, safetensors, tokenizer
-        files) that `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+        files) that `transformers.AutoModelForCausalLM.from_pretrained` loads. With several
+        processes every process calls it (the weights are gathered) and process 0 writes."""
         if dtype not in ("bfloat16", "float32"):
             raise SlidejaxError(f"export dtype {dtype!r} is not bfloat16 or float32")
         if self.engine is not None:
-            self.engine.sync()
+            self.engine.gather_masters()  # one process: just sync
         from slidejax.hf_checkpoint import save_pretrained
 
         tok = self.config.tokenizer or getattr(self.model, "source", None)
-        return save_pretrained(self.model.host, path, dtype=dtype, tokenizer_dir=tok)
+        out = on_main_process(lambda: save_pretrained(self.model.host, path, dtype=dtype, tokenizer_dir=tok))
+        return Path(path) if out is None else out
 
     def close(self) -> None:
         """Wait for checkpoint writes and close the logs."""
@@ -1104,12 +1166,124 @@ class Trainer:
         if self._logger is not None:
             self._logger.close()
             self._logger = None
+        self._opened = False
 
     def __enter__(self) -> "Trainer":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes (after `slidejax.distributed.initialize`): the same data everywhere, each
+# process trains on its rows; process 0 writes the run's files.
+
+
+def engine_devices(devices: int, micro_batch_size: int) -> list[Any] | None:
+    """The engine's devices: the first `devices` local devices of every process, process-major
+    (None: the default single device). The micro-batch's rows must split evenly over them."""
+    count = jax.process_count()
+    if devices == 1 and count == 1:
+        return None
+    local = jax.local_devices()
+    if devices > len(local):
+        raise SlidejaxError(f"devices={devices} but only {len(local)} local devices exist")
+    if count == 1:
+        if micro_batch_size % devices:
+            raise SlidejaxError(f"micro_batch_size {micro_batch_size} must be a multiple of devices={devices}")
+        return local[:devices]
+    if micro_batch_size % (devices * count):
+        raise SlidejaxError(f"micro_batch_size {micro_batch_size} must be a multiple of devices x processes "
+                            f"= {devices} x {count}: each process takes its share of every micro-batch's rows")
+    of = lambda p: sorted((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)  # noqa: E731
+    return [d for p in range(count) for d in of(p)[:devices]]
+
+
+def process_rows(batch: Any, index: int, count: int) -> dict[str, np.ndarray]:
+    """Process `index` of `count`'s part of a global batch ([M, B, S] arrays, a dict or a
+    `Batch`): rows index * B/count to (index + 1) * B/count of every micro-batch. The engine
+    concatenates the processes' rows in process order, so the step is the global batch's."""
+    out = {}
+    for name in ("input_ids", "labels", "segment_ids", "positions"):
+        v = batch.get(name) if isinstance(batch, dict) else getattr(batch, name, None)
+        if v is None:
+            continue
+        v = np.asarray(v)
+        if v.ndim != 3 or v.shape[1] % count:
+            raise SlidejaxError(f"{name} of shape {list(v.shape)}: a global batch [micro_batches, rows, seq_len] "
+                                f"needs rows divisible by the {count} processes")
+        per = v.shape[1] // count
+        out[name] = v[:, index * per:(index + 1) * per]
+    return out
+
+
+_MESSAGE_BYTES = 2048
+
+
+def _encode(text: str) -> np.ndarray:
+    data = text.encode()[:_MESSAGE_BYTES]
+    buf = np.zeros(_MESSAGE_BYTES, np.uint8)
+    buf[:len(data)] = np.frombuffer(data, np.uint8)
+    return buf
+
+
+def _decode(buf: np.ndarray) -> str:
+    return bytes(np.asarray(buf, np.uint8)).rstrip(b"\0").decode(errors="replace")
+
+
+def broadcast_text(text: str) -> str:
+    """Process 0's `text` on every process (collective), e.g. a run name made from the clock."""
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return text
+    return _decode(multihost_utils.broadcast_one_to_all(_encode(text), is_source=jax.process_index() == 0))
+
+
+def run_together(fn: Any) -> Any:
+    """`fn()` on every process, then (several processes) an exchange of outcomes: if it raised on
+    any process it raises on all (its own error there, a SlidejaxError naming that process
+    elsewhere), so no process goes on to wait in a collective for one that stopped."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    error, result = None, None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the others have heard of it
+        error = e
+    text = "" if error is None else (str(error) or type(error).__name__)
+    every = np.asarray(multihost_utils.process_allgather(_encode(text)))
+    if error is not None:
+        raise error
+    failed = [(p, _decode(m)) for p, m in enumerate(every) if m.any()]
+    if failed:
+        p, message = failed[0]
+        raise SlidejaxError(f"process {p} failed: {message}")
+    return result
+
+
+def on_main_process(fn: Any) -> Any:
+    """`fn()` on process 0 only (its result there, None elsewhere); its failure is raised on every
+    process (see `run_together`)."""
+    return run_together(lambda: fn() if jax.process_index() == 0 else None)
+
+
+@contextlib.contextmanager
+def _masters(host: Any, units: dict[str, Any]) -> Iterator[None]:
+    """`host`'s units read `units[name]["master"]` (a gathered state) meanwhile: with several
+    processes the masters of units other processes own are not in this process's HostModel."""
+    saved = {name: u.master for name, u in host.units.items()}
+    try:
+        for name, u in host.units.items():
+            if units[name]["master"] is not u.master:
+                u.master = np.asarray(units[name]["master"], np.float32).reshape(-1)
+        yield
+    finally:
+        for name, u in host.units.items():
+            u.master = saved[name]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1174,6 +1348,10 @@ def restore_setup(path: str | os.PathLike, model: Any, overrides: dict[str, Any]
 
 __all__ = [
     "PRESET_TRAINING",
+    "broadcast_text",
+    "on_main_process",
+    "process_rows",
+    "run_together",
     "check_run_dir",
     "data_paths",
     "load_tokenizer",

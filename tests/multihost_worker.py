@@ -10,7 +10,7 @@ process's shard to a fresh engine (built from other weights), take one more step
 gather again (step STEPS + 1). Process 0 saves the gathered states; every
 process saves its metrics, the units it owns and whether the others' masters were released.
 With --bad, afterwards process 1 passes an invalid batch, then batches of another shape: every
-process must raise SlidejaxError (not hang); and the Trainer must refuse to build.
+process must raise SlidejaxError (not hang).
 """
 
 from __future__ import annotations
@@ -142,14 +142,6 @@ def bad_batches(case: str, seed: int, devices, index: int, count: int) -> list[s
         except SlidejaxError as e:
             errors.append(str(e))
     engine.close()
-    # The Trainer is one process's (data, checkpoints, logs): it refuses several.
-    from slidejax import Trainer, from_config
-
-    try:
-        Trainer(from_config(model_config(case)), steps=1).build()
-        errors.append("no error")
-    except SlidejaxError as e:
-        errors.append(str(e))
     return errors
 
 
