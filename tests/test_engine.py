@@ -166,6 +166,26 @@ def test_auto_resident_layers_fill_the_budget():
         SlidingEngine(host, adamw(), compute_dtype="float32", resident_layers="most")
 
 
+def test_infeasible_budget_refused_before_allocating(monkeypatch):
+    """With the micro-batch known, a budget the plan exceeds is refused by the constructor, before
+    any pinned buffer (whose zero-fill needs device memory) exists."""
+    import slidejax.engine as engine_mod
+
+    cfg = make_cfg(False, 97)
+    host = HostModel(cfg)
+    host.load_tree(init_params(cfg, seed=int(np.random.default_rng().integers(1 << 30))))
+    made = []
+    real = engine_mod.PinnedBuffer
+    monkeypatch.setattr(engine_mod, "PinnedBuffer", lambda *a, **k: made.append(1) or real(*a, **k))
+    with pytest.raises(SlidejaxError, match="GPU memory budget .* too small"):
+        SlidingEngine(host, adamw(), compute_dtype="float32", gpu_memory="1KB", micro_batch=(2, S))
+    assert not made
+    engine = SlidingEngine(host, adamw(), compute_dtype="float32", gpu_memory="1KB")  # shape unknown yet
+    assert made
+    with pytest.raises(SlidejaxError, match="too small"):
+        engine.step(random_batch(np.random.default_rng(), cfg.vocab_size, 1, packed=False))
+
+
 def test_generic_optax_path():
     run_case(opt="sgd", M=2, packed=False)
 
