@@ -188,7 +188,11 @@ def test_trainer_two_processes_export(tmp_path):
     for key, w in want.items():
         assert got[key].dtype == np.float32 and got[key].shape == w.shape, key
         err = np.linalg.norm(got[key].astype(np.float64) - w) / np.linalg.norm(w.astype(np.float64))
-        assert err < 1e-5, f"{key}: relative error {err:.2e}"
+        # Not 1e-5: the two sides compile differently (the children at XLA's optimisation level
+        # 0, to halve their compile time; the reference here at the default), so fp32 rounding
+        # differs beyond the summation order, and AdamW at lr 3e-3 carries that into the weights
+        # (1.5e-5 seen in CI once). The per-step equality at 1e-5 is tests/test_multihost.py's.
+        assert err < 5e-5, f"{key}: relative error {err:.2e}"
     # Two steps moved the weights away from the preset's.
     import slidejax
 
