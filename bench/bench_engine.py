@@ -37,6 +37,9 @@ def parse_args():
     p.add_argument("--moments", default="float32", choices=["float32", "bfloat16"], help="AdamW moment dtype")
     p.add_argument("--trace", type=Path, default=None, help="write a Chrome trace JSON of the last step")
     p.add_argument("--hidden", type=int, default=None, help="override the hidden width (memory tests)")
+    p.add_argument("--pinned-pool", default="xla", choices=["xla", "plan"],
+                   help="XLA's pinned host pool: its default cap (64 GiB, grown by doubling) or capped at "
+                        "the engine's host plan (host_memory.size_pinned_pool)")
     return p.parse_args()
 
 
@@ -56,11 +59,9 @@ def main() -> None:
 
     from slidejax.config import ModelConfig
     from slidejax.engine import SlidingEngine
-    from slidejax.host_memory import HostModel
+    from slidejax.host_memory import HostModel, plan_host_memory, size_pinned_pool
     from slidejax.host_optimizer import HostAdamW
 
-    if args.devices > len(jax.local_devices()):
-        raise SystemExit(f"--devices {args.devices}: only {len(jax.local_devices())} local devices")
     shape = common.model_shape(args)
     hidden = args.hidden or shape.hidden
     cfg = ModelConfig(model_type="llama", vocab_size=shape.vocab, hidden_size=hidden,
@@ -68,6 +69,16 @@ def main() -> None:
                       num_layers=args.layers, num_heads=shape.heads * hidden // shape.hidden,
                       num_kv_heads=shape.kv_heads, head_dim=shape.head_dim, rms_norm_eps=shape.norm_eps,
                       rope_theta=shape.rope_theta, max_position_embeddings=131072)
+    rows, micro = common.micro_batching(args.tokens_per_step, args.seq_len, args.micro_batch_tokens)
+    pinned_pool = None
+    if args.pinned_pool == "plan" and not args.resident:
+        # Before the backend starts (it reads the cap once). Resident layers are not known yet
+        # ("auto"): planned with none, an upper bound.
+        pinned_pool = size_pinned_pool(plan_host_memory(cfg, (rows, args.seq_len), micro, moment_dtype=(
+            ml_dtypes.bfloat16 if args.moments == "bfloat16" else np.float32))["pinned"])
+    if args.devices > len(jax.local_devices()):
+        raise SystemExit(f"--devices {args.devices}: only {len(jax.local_devices())} local devices")
+    rss = {}
     with common.PeakSampler() as sampler:
         t0 = time.perf_counter()
         host = HostModel(cfg)
@@ -86,13 +97,14 @@ def main() -> None:
         moments = ml_dtypes.bfloat16 if args.moments == "bfloat16" else np.float32
         opt = HostAdamW(1e-5, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, moment_dtype=moments,
                         threads=args.host_threads)
-        rows, micro = common.micro_batching(args.tokens_per_step, args.seq_len, args.micro_batch_tokens)
+        rss["model"] = common.vm_rss_bytes()
         resident = args.resident_layers if args.resident_layers == "auto" else int(args.resident_layers)
         engine = SlidingEngine(host, opt, compute_dtype="bfloat16", prefetch=args.prefetch,
                                resident_layers=args.layers if args.resident else resident,
                                max_grad_norm=args.clip, gpu_memory=budget, trace=args.trace is not None,
                                micro_batch=(rows, args.seq_len), devices=jax.local_devices()[: args.devices])
         setup_s = time.perf_counter() - t0
+        rss["engine"] = common.vm_rss_bytes()
 
         seq = args.seq_len
 
@@ -119,6 +131,7 @@ def main() -> None:
         for _ in range(args.warmup):
             step()
         sync()
+        rss["warm"] = common.vm_rss_bytes()
         sampler.reset_gpu()
         # Steps run back to back, as in training: a step's host updates overlap the next step's
         # forward (which waits, unit by unit, only for the update it needs). Step k's time is from
@@ -147,11 +160,16 @@ def main() -> None:
              + (" (auto)" if args.resident_layers == "auto" and not args.resident else "")
              + (f", host threads {opt.threads}" if args.host_threads else "")
              + (f", {args.devices} devices" if args.devices > 1 else ""))
+    if pinned_pool is not None:
+        notes += f", pinned pool capped at {pinned_pool >> 30} GiB"
     plan = engine.plan_memory((rows, seq)) if not args.tiny else {}
+    host_plan = engine.plan_host_memory((rows, seq), micro)
+    # Where host memory went: RSS after the masters exist, after the engine's set-up, after the
+    # warm-up steps; against the plan (pinned = what XLA's pinned pool must hold).
     result = common.make_result(system=name, shape=shape, layers=args.layers, seq_len=seq,
                                 tokens_per_step=args.tokens_per_step, step_times=times, peaks=peaks,
                                 notes=notes, losses=losses, setup_s=setup_s, planned_gpu_bytes=plan.get("total", 0),
-                                hidden=hidden)
+                                hidden=hidden, host_rss_phases=rss, planned_host_bytes=host_plan)
     common.write_result(args.out, result)
     common.print_result(result)
 

@@ -120,16 +120,25 @@ def micro_batching(tokens_per_step: int, seq_len: int, micro_batch_tokens: int) 
 # Memory
 
 
-def vm_hwm_bytes(pid: int | str = "self") -> int:
-    """The kernel's peak resident set size of one process (``VmHWM``), in bytes; 0 if unknown."""
+def _proc_status_bytes(key: str, pid: int | str) -> int:
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def vm_hwm_bytes(pid: int | str = "self") -> int:
+    """The kernel's peak resident set size of one process (``VmHWM``), in bytes; 0 if unknown."""
+    return _proc_status_bytes("VmHWM", pid)
+
+
+def vm_rss_bytes(pid: int | str = "self") -> int:
+    """The kernel's current resident set size of one process (``VmRSS``), in bytes; 0 if unknown."""
+    return _proc_status_bytes("VmRSS", pid)
 
 
 def tree_rss_bytes(proc: psutil.Process) -> int:

@@ -14,6 +14,8 @@ import os
 import numba
 import numpy as np
 
+from slidejax.fused_adamw import _rne_like
+
 # The driver thread gathers and sums embedding rows while the host optimizer's threads update
 # other units; a few threads are enough for these memcpy-like passes and leave it the cores.
 _THREADS = max(1, min(4, (os.cpu_count() or 1) // 4))
@@ -37,10 +39,23 @@ def _gather(table_u16: np.ndarray, rows: np.ndarray, out_u16: np.ndarray) -> Non
             out_u16[t, :] = table_u16[r, :]
 
 
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _gather_rne(table: np.ndarray, rows: np.ndarray, out_u16: np.ndarray) -> None:
+    for t in numba.prange(rows.shape[0]):
+        r = rows[t]
+        if r >= 0:
+            src = table[r]
+            dst = out_u16[t]
+            for j in range(src.shape[0]):
+                dst[j] = _rne_like(src[j], out_u16)
+
+
 def gather_rows(tables: list[tuple[int, np.ndarray]], ids: np.ndarray, out: np.ndarray) -> None:
     """out[t] = table row ids[t], where `tables` holds (first row, [rows, H] block) pieces.
 
-    All arrays share one dtype; copied as raw bits (uint16/uint32), so bf16 needs no conversion.
+    Tables in out's dtype are copied as raw bits (uint16/uint32); fp32 tables into a bf16 `out`
+    are rounded to nearest even, the bits a bf16 copy of the table would hold (so an untied
+    embedding needs no bf16 copy of the whole table in host memory).
     """
     ids = ids.reshape(-1)
     view = np.uint16 if out.dtype.itemsize == 2 else np.uint32
@@ -49,7 +64,12 @@ def gather_rows(tables: list[tuple[int, np.ndarray]], ids: np.ndarray, out: np.n
         for first, block in tables:
             local = ids.astype(np.int64) - first
             local = np.where((local >= 0) & (local < block.shape[0]), local, -1)
-            _gather(block.view(view), local, out2)
+            if block.dtype == out.dtype:
+                _gather(block.view(view), local, out2)
+            elif block.dtype == np.float32 and view is np.uint16:
+                _gather_rne(block, local, out2)
+            else:
+                raise TypeError(f"cannot gather {block.dtype} rows into {out.dtype}")
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)

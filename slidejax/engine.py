@@ -50,8 +50,8 @@ from slidejax.config import ModelConfig
 from slidejax.distributed import Cluster, assign_owners, spans_processes
 from slidejax.embedding import RowGradient, gather_rows
 from slidejax.errors import SlidejaxError
-from slidejax.host_memory import (HostModel, PinnedBuffer, Unit, host_memory_kind, host_view, memory_sharding,
-                                  numpy_dtype)
+from slidejax.host_memory import (PINNED_POOL_ENV, HostModel, PinnedBuffer, Unit, host_memory_kind, host_view,
+                                  memory_sharding, numpy_dtype, pinned_pool_bytes, plan_host_memory)
 from slidejax.host_optimizer import store_compute_copy
 from slidejax.model import LayerFn, rms_norm
 
@@ -410,6 +410,11 @@ def parse_bytes(value: int | str | None) -> int | None:
         raise SlidejaxError(f"cannot read memory size {value!r} (use e.g. 24GB or 512MiB)") from None
 
 
+def _has_pinned_pool(device: jax.Device) -> bool:
+    """Whether pinned host memory comes from XLA's capped pool (GPU), not plain host memory."""
+    return device.platform == "gpu"
+
+
 class SlidingEngine:
     """Trains a `HostModel` with a host optimizer, streaming layers through one device.
 
@@ -488,6 +493,7 @@ class SlidingEngine:
         self.step_count = 0
         self.gpu_memory = parse_bytes(gpu_memory)
         self._planned: set[tuple] = set()
+        self._pinned_checked = 0  # the most micro-batches per step checked against the pinned pool
         if resident_layers == "auto":
             resident_layers = self._auto_resident(micro_batch)
         elif not isinstance(resident_layers, (int, np.integer)):
@@ -506,7 +512,7 @@ class SlidingEngine:
             {n: u.master.size for n, u in host.units.items()
              if n not in self.resident and not n.startswith("embed.")}, self.dist.count)
         self.ready: dict[str, threading.Event] = {}
-        self.upload_buf: dict[str, Any] = {}  # streamed: PinnedBuffer, or numpy (host-only embedding)
+        self.upload_buf: dict[str, PinnedBuffer] = {}  # streamed units' compute-dtype copies
         self.opt_state: dict[str, Any] = {}
         self.dev_state: dict[str, dict[str, Any]] = {}  # resident units: master, opt state, weights
         self.rows_ready: dict[str, threading.Event] = {}
@@ -523,9 +529,7 @@ class SlidingEngine:
                 unit.master = np.zeros(unit.master.size, np.float32)  # lazily allocated: no memory
                 continue
             if name.startswith("embed.") and name not in head_names:
-                buf = np.empty(unit.master.shape, self.np_dtype)  # only gathered from, on the host
-                store_compute_copy(unit.master, buf)
-                self.upload_buf[name] = buf
+                pass  # never uploaded: its rows are gathered (and rounded) from the master
             else:
                 pb = PinnedBuffer(unit.master.size, self.np_dtype, self.device)
                 store_compute_copy(unit.master, pb.host)
@@ -590,6 +594,26 @@ class SlidingEngine:
         plan["total"] = window + resident_bytes + grads + max(layer, head) + boundary
         return plan
 
+    def plan_host_memory(self, micro_batch: tuple[int, int], micro_batches: int = 1) -> dict[str, int]:
+        """Host bytes for steps of `micro_batches` micro-batches of `micro_batch` = (rows,
+        seq_len) with this engine's resident layers (see `host_memory.plan_host_memory`)."""
+        return plan_host_memory(self.cfg, micro_batch, micro_batches, compute_dtype=self.dtype,
+                                moment_dtype=getattr(self.opt, "moment_dtype", np.float32),
+                                resident_layers=self.resident_layers)
+
+    def _check_pinned_pool(self, shape: tuple[int, ...]) -> None:
+        """On a GPU, refuse a step whose pinned host memory would overflow XLA's pinned pool
+        (it would fail mid-step, after hours of set-up on a large model)."""
+        if not _has_pinned_pool(self.device) or self.dist is not None:
+            return
+        need = self.plan_host_memory((shape[1], shape[2]), shape[0])["pinned"]
+        if need > pinned_pool_bytes():
+            raise SlidejaxError(
+                f"steps of {shape[0]}x{shape[1]}x{shape[2]} tokens need up to {need / 2**30:.1f} GiB of pinned "
+                f"host memory, more than XLA's pinned pool of {pinned_pool_bytes() >> 30} GiB: set "
+                f"{PINNED_POOL_ENV}={-(-need * 115 // 100 >> 30) + 1} before jax starts (or use fewer tokens "
+                f"per step or more resident layers)")
+
     AUTO_MARGIN = 0.8  # of the budget: allocator fragmentation and what the plan does not see
 
     def _auto_resident(self, micro_batch: tuple[int, int] | None) -> int:
@@ -618,6 +642,9 @@ class SlidingEngine:
 
     def _check_budget(self, shape: tuple[int, ...], segments: bool) -> None:
         key = (shape[1], shape[2], segments)
+        if shape[0] > self._pinned_checked:
+            self._check_pinned_pool(shape)
+            self._pinned_checked = shape[0]
         if self.gpu_memory is None or key in self._planned:
             return
         plan = self.plan_memory((shape[1], shape[2]), segments)
@@ -832,9 +859,8 @@ class SlidingEngine:
         self.worker.check()
         tables = []
         for u in units:
-            buf = self.upload_buf[u.name]
-            table = buf.host if isinstance(buf, PinnedBuffer) else buf
-            tables.append((u.rows[0], table.reshape(u.rows[1] - u.rows[0], -1)))
+            table = self._upload_view(u.name)
+            tables.append((u.rows[0], (u.master if table is None else table).reshape(u.rows[1] - u.rows[0], -1)))
         shape = ids.shape[1:] + (self.cfg.hidden_size,)
         # Every upload from the staging buffers fed layer 0; once that is done they are free.
         jax.block_until_ready(self._staging_guard)
@@ -1107,7 +1133,7 @@ class SlidingEngine:
     def _submit(self, name: str, grad: Any, scale: float) -> None:
         unit = self.host.units[name]
         shape = self._shape(unit)
-        upload = self._upload_view(name).reshape(shape)
+        upload = self.upload_buf[name].host.reshape(shape)
         state = self.opt_state[name]
 
         def run() -> None:
@@ -1120,9 +1146,10 @@ class SlidingEngine:
     def _shape(self, unit: Unit) -> tuple[int, ...]:
         return (unit.rows[1] - unit.rows[0], self.cfg.hidden_size) if unit.rows else unit.master.shape
 
-    def _upload_view(self, name: str) -> np.ndarray:
-        buf = self.upload_buf[name]
-        return buf.host if isinstance(buf, PinnedBuffer) else buf
+    def _upload_view(self, name: str) -> np.ndarray | None:
+        """The compute-dtype copy the optimizer writes: None for a host-only embedding unit."""
+        buf = self.upload_buf.get(name)
+        return None if buf is None else buf.host
 
     def _add_rows(self, rowgrad: RowGradient, mb: int, dx_host: jax.Array) -> None:
         # Waits for the download to land; with several processes, this process's rows.
@@ -1186,7 +1213,8 @@ class SlidingEngine:
         for u in self.host.embed_units:
             a, b = u.rows
             shape = self._shape(u)
-            upload = self._upload_view(u.name).reshape(shape)
+            upload = self._upload_view(u.name)
+            upload = None if upload is None else upload.reshape(shape)
             master = u.master.reshape(shape)
             state = self.opt_state[u.name]
             args: dict[str, Any] = {}
@@ -1377,5 +1405,6 @@ class SlidingEngine:
             else:
                 if name in self.opt_state:
                     self.opt_state[name].load_state_dict(src["opt"])
-                store_compute_copy(unit.master, self._upload_view(name))
+                if name in self.upload_buf:
+                    store_compute_copy(unit.master, self._upload_view(name))
         self.step_count = int(state["step"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import os
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import jax
@@ -268,3 +269,68 @@ class HostModel:
     @property
     def nbytes(self) -> int:
         return sum(u.master.nbytes for u in self.units.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# How much host memory a run holds, and XLA's pool of pinned memory
+
+PINNED_POOL_ENV = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
+_PINNED_POOL_DEFAULT_GB = 64  # XLA's default cap when device memory is not preallocated
+
+
+def plan_host_memory(cfg: "ModelConfig", micro_batch: tuple[int, int], micro_batches: int = 1, *,
+                     compute_dtype: Any = "bfloat16", moment_dtype: Any = np.float32,
+                     resident_layers: int = 0) -> dict[str, int]:
+    """Host bytes a one-process sliding engine holds for steps of `micro_batches` micro-batches of
+    `micro_batch` = (rows, seq_len) tokens, split into what XLA's pinned pool must hold and the
+    rest. Upper bounds: a step's gradients are counted as all held at once (clipping needs the
+    global norm before any update), and every boundary activation as offloaded.
+
+    - masters: fp32 weights of every unit (resident units keep theirs for `sync`/export);
+    - moments: the host optimizer's state of every unit it updates (two moments);
+    - upload_copies (pinned): compute-dtype copies of the streamed units (the untied embedding is
+      gathered from its master on the host and has none);
+    - gradients (pinned): one step's downloaded gradients of those units;
+    - activations (pinned): layer-input checkpoints and the head's boundaries, all micro-batches;
+    - embedding_rows: the embedding's row-sparse gradient (two reused fp32 buffers).
+    """
+    rows, seq = micro_batch
+    cd = numpy_dtype(compute_dtype).itemsize
+    L, H, V = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
+    r = max(0, min(int(resident_layers), L))
+    streamed = 0 if r == L else (L - r) * cfg.layer_params + H + V * H  # layers, norm, head blocks
+    host_updated = 0 if r == L else streamed + (0 if cfg.tie_word_embeddings else V * H)
+    tokens = micro_batches * rows * seq
+    plan = {
+        "masters": 4 * cfg.num_params,
+        "moments": 2 * numpy_dtype(moment_dtype).itemsize * host_updated,
+        "upload_copies": cd * streamed,
+        "gradients": cd * streamed,
+        "activations": (L + 4) * tokens * H * cd,
+        "embedding_rows": 0 if r == L else 2 * 4 * min(tokens, V) * H,
+    }
+    plan["pinned"] = plan["upload_copies"] + plan["gradients"] + plan["activations"]
+    plan["total"] = sum(v for k, v in plan.items() if k != "pinned")
+    return plan
+
+
+def pinned_pool_bytes() -> int:
+    """The cap on XLA's pool of pinned host memory on GPU: `XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB`
+    (read once, when the backend starts), else XLA's default of 64 GiB."""
+    value = os.environ.get(PINNED_POOL_ENV, "")
+    gb = int(value) if value.strip().isdigit() else _PINNED_POOL_DEFAULT_GB
+    return gb << 30
+
+
+def size_pinned_pool(pinned_bytes: int, slack: float = 0.15) -> int:
+    """Cap XLA's pinned pool at `pinned_bytes` plus `slack` and 1 GiB for fragmentation, in whole
+    GiB, and return the cap in bytes. Must run before the GPU backend starts; a value already in
+    the environment is kept.
+
+    Why: XLA grows its pinned pool (a best-fit allocator over `cudaHostAlloc` regions) by
+    doubling each new region, and pinned pages are resident, so without a cap the pool can hold
+    up to twice what is in use. With the cap, the last region is cut to the cap.
+    """
+    gb = -(-int(pinned_bytes * (1 + slack) + (1 << 30)) >> 30)
+    os.environ.setdefault(PINNED_POOL_ENV, str(gb))
+    return pinned_pool_bytes()

@@ -20,6 +20,25 @@ def test_gather_rows_over_row_blocks(dtype):
     np.testing.assert_array_equal(out.astype(np.float32), table[ids].astype(np.float32))
 
 
+def test_gather_rows_rounds_an_fp32_table_into_bf16_like_ml_dtypes():
+    """An untied embedding is gathered from its fp32 master: the rows must hold the bits a bf16
+    copy of the table would (round to nearest even, ties, infinities and NaN included)."""
+    rng = np.random.default_rng()
+    vocab, hidden = 131, 40
+    table = rng.standard_normal((vocab, hidden)).astype(np.float32)
+    bits = table.view(np.uint32)
+    bits[0, :8] = (bits[0, :8] & 0xFFFF0000) | 0x8000  # exact ties: to even
+    bits[1, :8] = (bits[1, :8] & 0xFFFF0000) | 0x7FFF
+    table[2, :4] = [np.inf, -np.inf, np.nan, -np.nan]
+    table[3, :2] = [3.4e38, -3.4e38]  # round up to infinity
+    cuts = [0, 2, 64, vocab]
+    blocks = [(a, table[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+    ids = np.concatenate([np.arange(4), rng.integers(0, vocab, 29)])
+    out = np.zeros((ids.size, hidden), ml_dtypes.bfloat16)
+    gather_rows(blocks, ids, out.reshape(-1))
+    np.testing.assert_array_equal(out.view(np.uint16), table[ids].astype(ml_dtypes.bfloat16).view(np.uint16))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
 def test_row_gradient_sums_per_token(dtype):
     rng = np.random.default_rng()
