@@ -311,6 +311,10 @@ class HostAdamW:
         self._hyper_cache: dict[int, tuple[np.float32, ...]] = {}
         self._hyper_lock = threading.Lock()
         self._schedule_fn = None
+        b1, b2 = self.b1, self.b2
+        # optax's `1 - decay**count` on an int32 count, jitted as there: XLA's float32 pow, which
+        # numpy's (version-dependent) float32 pow does not always match in the last bit.
+        self._bias_correction_fn = jax.jit(lambda t: (1 - b1**t, 1 - b2**t))
 
     def __repr__(self) -> str:
         return (
@@ -362,10 +366,8 @@ class HostAdamW:
         with self._hyper_lock:
             if count not in self._hyper_cache:
                 f = np.float32
-                t = f(count + 1)
-                # float32 pow, as optax's `1 - decay**count` (bit-equal to XLA:CPU's; tested).
-                bc1 = f(1) - np.power(f(self.b1), t)
-                bc2 = f(1) - np.power(f(self.b2), t)
+                t = jax.device_put(np.int32(count + 1), _cpu())
+                bc1, bc2 = (f(np.asarray(b)) for b in self._bias_correction_fn(t))
                 hp = (f(1 - self.b1), f(self.b1), f(1 - self.b2), f(self.b2), bc1, bc2,
                       f(self.eps_root), f(self.eps), f(self.weight_decay), self._neg_lr(count))
                 # Replace, never mutate, the dict: readers outside the lock see old or new whole.
