@@ -287,7 +287,7 @@ def plan_host_memory(cfg: "ModelConfig", micro_batch: tuple[int, int], micro_bat
     global norm before any update), and every boundary activation as offloaded.
 
     - masters: fp32 weights of every unit (resident units keep theirs for `sync`/export);
-    - moments: the host optimizer's state of every unit it updates (two moments);
+    - optimizer: the host optimizer's state of every unit it updates (AdamW's two moments);
     - upload_copies (pinned): compute-dtype copies of the streamed units (the untied embedding is
       gathered from its master on the host and has none);
     - gradients (pinned): one step's downloaded gradients of those units;
@@ -303,7 +303,7 @@ def plan_host_memory(cfg: "ModelConfig", micro_batch: tuple[int, int], micro_bat
     tokens = micro_batches * rows * seq
     plan = {
         "masters": 4 * cfg.num_params,
-        "moments": 2 * numpy_dtype(moment_dtype).itemsize * host_updated,
+        "optimizer": 2 * numpy_dtype(moment_dtype).itemsize * host_updated,
         "upload_copies": cd * streamed,
         "gradients": cd * streamed,
         "activations": (L + 4) * tokens * H * cd,

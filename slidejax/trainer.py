@@ -34,6 +34,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import optax
 
@@ -391,8 +392,6 @@ def default_compute_dtype() -> str:
 
 def make_optimizer(config: TrainConfig, total_steps: int | None) -> Any:
     """The CLI's optimizer: `HostAdamW` with the configured schedule."""
-    import ml_dtypes
-
     from slidejax.host_optimizer import HostAdamW
 
     schedule = lr_schedule(config.lr, config.schedule, config.warmup_steps(total_steps or 0), total_steps)
@@ -405,24 +404,30 @@ def make_optimizer(config: TrainConfig, total_steps: int | None) -> Any:
 
 
 def host_memory_need(cfg: ModelConfig, config: TrainConfig, optimizer: Any = None) -> dict[str, int]:
-    """Host RAM a run needs, by part (bytes): fp32 masters, optimizer state, the compute-dtype
-    copies the GPU uploads, the step's activation checkpoints, a checkpoint's snapshot (a copy of
-    masters and optimizer state while it is written in the background) and the runtime."""
-    from slidejax.host_memory import vocab_chunks
+    """Host RAM a run needs, by part (bytes): the engine's plan (`host_memory.plan_host_memory`:
+    fp32 masters, optimizer state, the pinned upload copies, a step's gradients and activation
+    checkpoints, the embedding's row gradient), a checkpoint's snapshot (a copy of masters and
+    optimizer state while it is written in the background) and the runtime. Resident layers
+    ("auto": none assumed, an upper bound) hold their state on the GPU instead."""
+    from slidejax.host_memory import plan_host_memory, vocab_chunks
     from slidejax.host_optimizer import HostAdamW, HostOptax
 
-    n = cfg.num_params
-    cd = 2 if _resolve_dtype(config.compute_dtype) == "bfloat16" else 4
     if optimizer is None or isinstance(optimizer, HostAdamW):
-        moment = (2 if config.moment_dtype == "bfloat16" else 4) if optimizer is None else optimizer.moment_dtype.itemsize
-        opt = 2 * moment * n
+        moments = (ml_dtypes.bfloat16 if config.moment_dtype == "bfloat16" else np.float32) if optimizer is None \
+            else optimizer.moment_dtype
     else:
+        moments = np.float32
+    resident = config.resident_layers if isinstance(config.resident_layers, int) else 0
+    need = plan_host_memory(cfg, (config.micro_batch_size, config.seq_len), config.micro_batches,
+                            compute_dtype=_resolve_dtype(config.compute_dtype), moment_dtype=moments,
+                            resident_layers=resident)
+    if not (optimizer is None or isinstance(optimizer, HostAdamW)):
         tx = optimizer.tx if isinstance(optimizer, HostOptax) else optimizer
-        opt = _optax_state_bytes(tx, cfg, vocab_chunks(cfg))
-    tokens = config.step_tokens
-    acts = (cfg.num_layers + 1) * tokens * cfg.hidden_size * cd + 2 * tokens * cfg.hidden_size * 4
-    need = {"masters": 4 * n, "optimizer": opt, "uploads": cd * n, "activations": acts,
-            "snapshot": 4 * n + opt, "runtime": 1_000_000_000}
+        need["optimizer"] = _optax_state_bytes(tx, cfg, vocab_chunks(cfg))
+    need.pop("pinned")
+    need.pop("total")
+    need["snapshot"] = need["masters"] + need["optimizer"]
+    need["runtime"] = 1_000_000_000
     return need
 
 

@@ -40,10 +40,10 @@ def test_plan_counts_the_buffers_the_engine_allocates(tied, resident, moments):
                                     resident_layers=resident)
     assert plan["masters"] == host.nbytes
     assert plan["upload_copies"] == sum(b.host.nbytes for b in engine.upload_buf.values())
-    assert plan["moments"] == sum(s.mu.nbytes + s.nu.nbytes for s in engine.opt_state.values())
+    assert plan["optimizer"] == sum(s.mu.nbytes + s.nu.nbytes for s in engine.opt_state.values())
     assert plan["gradients"] == plan["upload_copies"]
     assert plan["pinned"] == plan["upload_copies"] + plan["gradients"] + plan["activations"]
-    assert plan["total"] == plan["pinned"] + plan["masters"] + plan["moments"] + plan["embedding_rows"]
+    assert plan["total"] == plan["pinned"] + plan["masters"] + plan["optimizer"] + plan["embedding_rows"]
     # The untied embedding has no compute-dtype copy: it is gathered from its master.
     assert not any(n.startswith("embed.") for n in engine.upload_buf) or tied
 
