@@ -7,6 +7,7 @@ belongs to that run alone.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,23 @@ def test_budget_is_honoured_and_infeasible_budget_refused(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "GPU memory budget" in proc.stderr and "too small" in proc.stderr
+
+
+def test_pinned_pool_capped_at_the_plan_suffices_and_an_overflow_is_refused(tmp_path):
+    """The host plan bounds what XLA's pinned pool must hold: a pool capped at it (+15%, +1 GiB)
+    trains; a pool below it is refused by the engine, not by an XLA failure mid-step."""
+    capped = run_engine(tmp_path, 8, 16384, "--pinned-pool", "plan")
+    plan = capped["planned_host_bytes"]
+    print(f"pinned pool capped: planned pinned {plan['pinned']}, total {plan['total']}, peak RSS "
+          f"{capped['peak_host_rss_bytes']}, RSS by phase {capped['host_rss_phases']} ({capped['notes']})")
+    assert "pinned pool capped" in capped["notes"] and capped["tokens_per_s"] > 0
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_engine.py"), "--layers", "8", "--hidden", "1024",
+           "--seq-len", "2048", "--tokens-per-step", "65536", "--micro-batch-tokens", "4096", "--steps", "1",
+           "--warmup", "0", "--out", str(tmp_path / "overflow.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB="1"))
+    assert proc.returncode != 0
+    assert "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_bf16_training_tracks_the_fp32_reference():
