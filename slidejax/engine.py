@@ -680,7 +680,7 @@ class SlidingEngine:
         mask = {n: layout.offsets[i] < layout.decay_split
                 for i, n in enumerate(layout.names)}
         tx = self.opt.to_optax(mask=mask)
-        master = jax.device_put(unit.master, self.dev_sharding)
+        master = self._put_master(unit)
         # Placed like the master: scalars such as the step count would otherwise land on one device.
         opt_state = jax.jit(lambda m: tx.init(layout.views(m)), out_shardings=self.dev_sharding)(master)
         dtype = self.dtype
@@ -696,6 +696,14 @@ class SlidingEngine:
             "master": master, "opt": opt_state, "weights": master.astype(self.dtype),
             "update": jax.jit(update, donate_argnums=(0, 1)),
         }
+
+    def _put_master(self, unit: Unit) -> jax.Array:
+        """A resident unit's fp32 master on the device, one unit at a time: XLA stages an upload
+        from pageable memory through its pinned pool, which keeps (page-locked) the most it ever
+        held at once; all units in flight together would leave it the size of the model."""
+        master = jax.device_put(unit.master, self.dev_sharding)
+        master.block_until_ready()
+        return master
 
     # ----- transfers (each a separate device_put issued by the driver thread)
 
@@ -1399,8 +1407,8 @@ class SlidingEngine:
             unit.master[...] = master
             if name in self.dev_state:
                 st = self.dev_state[name]
-                st["master"] = jax.device_put(unit.master, self.dev_sharding)
-                st["opt"] = self._resident_opt_from(name, src["opt"])
+                st["master"] = self._put_master(unit)
+                st["opt"] = jax.block_until_ready(self._resident_opt_from(name, src["opt"]))  # see _put_master
                 st["weights"] = st["master"].astype(self.dtype)
             else:
                 if name in self.opt_state:
