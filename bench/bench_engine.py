@@ -72,10 +72,12 @@ def main() -> None:
     rows, micro = common.micro_batching(args.tokens_per_step, args.seq_len, args.micro_batch_tokens)
     pinned_pool = None
     if args.pinned_pool == "plan" and not args.resident:
-        # Before the backend starts (it reads the cap once). Resident layers are not known yet
-        # ("auto"): planned with none, an upper bound.
-        pinned_pool = size_pinned_pool(plan_host_memory(cfg, (rows, args.seq_len), micro, moment_dtype=(
-            ml_dtypes.bfloat16 if args.moments == "bfloat16" else np.float32))["pinned"])
+        # Before the backend starts (it reads the cap once). "auto" resident layers are decided
+        # after it: planned with none, an upper bound.
+        planned_resident = 0 if args.resident_layers == "auto" else int(args.resident_layers)
+        pinned_pool = size_pinned_pool(plan_host_memory(
+            cfg, (rows, args.seq_len), micro, resident_layers=planned_resident,
+            moment_dtype=ml_dtypes.bfloat16 if args.moments == "bfloat16" else np.float32)["pinned"])
     if args.devices > len(jax.local_devices()):
         raise SystemExit(f"--devices {args.devices}: only {len(jax.local_devices())} local devices")
     rss = {}
