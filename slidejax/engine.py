@@ -536,6 +536,7 @@ class SlidingEngine:
                 self.upload_buf[name] = pb
             if optimizer is not None:  # None: an inference-only engine
                 self.opt_state[name] = optimizer.init(unit.master.reshape(self._shape(unit)), tree_of=self._tree_of(unit))
+        self._copied = frozenset(self.upload_buf)  # the units that have an upload copy
         self._inflight: collections.deque = collections.deque()
         self._staging: list[list[PinnedBuffer]] = []  # [micro-batch][device]
         self._staging_guard: Any = None  # the last computation that read the staging buffers
@@ -599,7 +600,7 @@ class SlidingEngine:
         seq_len) with this engine's resident layers (see `host_memory.plan_host_memory`)."""
         return plan_host_memory(self.cfg, micro_batch, micro_batches, compute_dtype=self.dtype,
                                 moment_dtype=getattr(self.opt, "moment_dtype", np.float32),
-                                resident_layers=self.resident_layers)
+                                resident_layers=self.resident_layers, prefetch=self.prefetch)
 
     def _check_pinned_pool(self, shape: tuple[int, ...]) -> None:
         """On a GPU, refuse a step whose pinned host memory would overflow XLA's pinned pool
@@ -739,13 +740,14 @@ class SlidingEngine:
         self.ready[name].wait()
         self.worker.check()
         if self.dist is not None:
-            buf = self.upload_buf.get(name)  # only on the owner (or everywhere, if replicated)
+            # Only the owner has a copy (every process, for a replicated unit).
+            buf = self._upload_copy(name) if name in self._copied else None
             out = self.dist.upload(None if buf is None else buf.array, self.host.units[name].master.size,
                                    self.dtype, self.owner.get(name))
             if self.trace:
                 self.trace.device("upload", name, out)
             return out
-        return self._upload_array(self.upload_buf[name].array, name, self.dev_sharding)
+        return self._upload_array(self._upload_copy(name).array, name, self.dev_sharding)
 
     def _compute(self, what: str, value: Any) -> Any:
         if self.trace:
@@ -1123,6 +1125,10 @@ class SlidingEngine:
             # Completed on the host with the embedding's rows (see `_embedding_gradient`).
             self._tied_head_grad[name] = host_grad
             return
+        # The unit's upload copy is dead until its update: released now, and the update writes
+        # the next copy into the gradient's buffer (see `_submit`), so the host never holds both
+        # a copy and a gradient of every unit (2 bytes per parameter less at the step's end).
+        self.upload_buf.pop(name, None)
         if self._scale is not None:
             self._submit(name, host_grad, self._scale)
         else:
@@ -1141,23 +1147,36 @@ class SlidingEngine:
     def _submit(self, name: str, grad: Any, scale: float) -> None:
         unit = self.host.units[name]
         shape = self._shape(unit)
-        upload = self.upload_buf[name].host.reshape(shape)
         state = self.opt_state[name]
 
         def run() -> None:
-            g = host_view(grad).reshape(shape)  # waits for the download to land
-            self.opt.update(state, unit.master.reshape(shape), g, upload,
+            buf = PinnedBuffer.adopt(grad)  # waits for the download to land
+            g = buf.host.reshape(shape)
+            # The new weights overwrite the gradient in place (each element is read before it is
+            # written): the download becomes the unit's next upload copy.
+            self.opt.update(state, unit.master.reshape(shape), g, g,
                             decay_split=unit.layout.decay_split, grad_scale=scale)
+            self.upload_buf[name] = buf
         self.worker.submit((self.step_count, self._priority(name)), f"update {name}", run, self.ready[name],
                            waits_for=grad)
 
     def _shape(self, unit: Unit) -> tuple[int, ...]:
         return (unit.rows[1] - unit.rows[0], self.cfg.hidden_size) if unit.rows else unit.master.shape
 
+    def _upload_copy(self, name: str) -> PinnedBuffer:
+        """Unit `name`'s compute-dtype copy, rebuilt from its master if a step that failed
+        between a unit's backward and its update left it released (see `_finish_unit`)."""
+        buf = self.upload_buf.get(name)
+        if buf is None:
+            unit = self.host.units[name]
+            buf = PinnedBuffer(unit.master.size, self.np_dtype, self.device)
+            store_compute_copy(unit.master, buf.host)
+            self.upload_buf[name] = buf
+        return buf
+
     def _upload_view(self, name: str) -> np.ndarray | None:
         """The compute-dtype copy the optimizer writes: None for a host-only embedding unit."""
-        buf = self.upload_buf.get(name)
-        return None if buf is None else buf.host
+        return self._upload_copy(name).host if name in self._copied else None
 
     def _add_rows(self, rowgrad: RowGradient, mb: int, dx_host: jax.Array) -> None:
         # Waits for the download to land; with several processes, this process's rows.
@@ -1413,6 +1432,6 @@ class SlidingEngine:
             else:
                 if name in self.opt_state:
                     self.opt_state[name].load_state_dict(src["opt"])
-                if name in self.upload_buf:
+                if name in self._copied:
                     store_compute_copy(unit.master, self._upload_view(name))
         self.step_count = int(state["step"])

@@ -128,15 +128,24 @@ class PinnedBuffer:
     def __init__(self, shape: int | tuple[int, ...], dtype: Any, device: jax.Device):
         dtype = numpy_dtype(dtype)
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        n = int(np.prod(shape))
-        self.sharding = memory_sharding(device, host_memory_kind(device))
+        sharding = memory_sharding(device, host_memory_kind(device))
         # Shaped at allocation: a jax op (even a reshape) cannot run on pinned host memory.
-        self.array = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.sharding)()
-        self.array.block_until_ready()
-        ptr = self.array.unsafe_buffer_pointer()
-        raw = (ctypes.c_uint8 * (n * dtype.itemsize)).from_address(ptr)
-        self.host = np.frombuffer(raw, dtype=np.uint8).view(dtype)
-        self.host.flags.writeable  # view over memory jax owns; kept alive through self.array
+        self._wrap(jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)())
+
+    @classmethod
+    def adopt(cls, array: jax.Array) -> "PinnedBuffer":
+        """Wrap a single-device array that already lives in pinned host memory (a download) as a
+        buffer the host may write in place. Nothing else may read `array` afterwards."""
+        buf = cls.__new__(cls)
+        buf._wrap(array)
+        return buf
+
+    def _wrap(self, array: jax.Array) -> None:
+        array.block_until_ready()
+        self.array = array
+        dtype = np.dtype(array.dtype)
+        raw = (ctypes.c_uint8 * (array.size * dtype.itemsize)).from_address(array.unsafe_buffer_pointer())
+        self.host = np.frombuffer(raw, dtype=np.uint8).view(dtype)  # flat; kept alive through .array
 
     def __len__(self) -> int:
         return self.host.shape[0]  # elements (host is the flat view)
@@ -280,17 +289,18 @@ _PINNED_POOL_DEFAULT_GB = 64  # XLA's default cap when device memory is not prea
 
 def plan_host_memory(cfg: "ModelConfig", micro_batch: tuple[int, int], micro_batches: int = 1, *,
                      compute_dtype: Any = "bfloat16", moment_dtype: Any = np.float32,
-                     resident_layers: int = 0) -> dict[str, int]:
+                     resident_layers: int = 0, prefetch: int = 2) -> dict[str, int]:
     """Host bytes a one-process sliding engine holds for steps of `micro_batches` micro-batches of
     `micro_batch` = (rows, seq_len) tokens, split into what XLA's pinned pool must hold and the
-    rest. Upper bounds: a step's gradients are counted as all held at once (clipping needs the
-    global norm before any update), and every boundary activation as offloaded.
+    rest. Upper bounds: every boundary activation is counted as offloaded.
 
     - masters: fp32 weights of every unit (resident units keep theirs for `sync`/export);
     - optimizer: the host optimizer's state of every unit it updates (AdamW's two moments);
     - upload_copies (pinned): compute-dtype copies of the streamed units (the untied embedding is
       gathered from its master on the host and has none);
-    - gradients (pinned): one step's downloaded gradients of those units;
+    - gradients (pinned): downloaded gradients beyond the copies: a unit's copy is released
+      when its gradient is downloaded and its update writes the next copy into the gradient's
+      buffer, so only the units whose copies are still being uploaded (the window) hold both;
     - activations (pinned): layer-input checkpoints and the head's boundaries, all micro-batches;
     - embedding_rows: the embedding's row-sparse gradient (two reused fp32 buffers).
     """
@@ -301,11 +311,12 @@ def plan_host_memory(cfg: "ModelConfig", micro_batch: tuple[int, int], micro_bat
     streamed = 0 if r == L else (L - r) * cfg.layer_params + H + V * H  # layers, norm, head blocks
     host_updated = 0 if r == L else streamed + (0 if cfg.tie_word_embeddings else V * H)
     tokens = micro_batches * rows * seq
+    unit = max(cfg.layer_params, max((b - a for a, b in vocab_chunks(cfg)), default=0) * H)
     plan = {
         "masters": 4 * cfg.num_params,
         "optimizer": 2 * numpy_dtype(moment_dtype).itemsize * host_updated,
         "upload_copies": cd * streamed,
-        "gradients": cd * streamed,
+        "gradients": 0 if r == L else cd * (prefetch + 1) * unit,
         "activations": (L + 4) * tokens * H * cd,
         "embedding_rows": 0 if r == L else 2 * 4 * min(tokens, V) * H,
     }

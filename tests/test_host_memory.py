@@ -41,7 +41,7 @@ def test_plan_counts_the_buffers_the_engine_allocates(tied, resident, moments):
     assert plan["masters"] == host.nbytes
     assert plan["upload_copies"] == sum(b.host.nbytes for b in engine.upload_buf.values())
     assert plan["optimizer"] == sum(s.mu.nbytes + s.nu.nbytes for s in engine.opt_state.values())
-    assert plan["gradients"] == plan["upload_copies"]
+    assert plan["gradients"] == (0 if resident == 3 else 3 * 2 * max(u.master.size for u in host.units.values()))
     assert plan["pinned"] == plan["upload_copies"] + plan["gradients"] + plan["activations"]
     assert plan["total"] == plan["pinned"] + plan["masters"] + plan["optimizer"] + plan["embedding_rows"]
     # The untied embedding has no compute-dtype copy: it is gathered from its master.
@@ -111,3 +111,28 @@ def test_a_step_that_overflows_the_pinned_pool_is_refused(monkeypatch):
     with pytest.raises(SlidejaxError, match="pinned"):
         engine.step({"input_ids": ids, "labels": ids})
     engine.step({"input_ids": ids[:2], "labels": ids[:2]})
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_updates_write_the_next_upload_copy_into_the_gradients_buffer(clip):
+    """After a step, each streamed unit's upload copy is its download buffer, overwritten with the
+    bf16 rounding of the new master; a copy released by a step that failed is rebuilt."""
+    host = make_host(tied=False)
+    rng = np.random.default_rng()
+    engine = SlidingEngine(host, HostAdamW(1e-2), compute_dtype="bfloat16", max_grad_norm=clip)
+    ids = rng.integers(0, host.cfg.vocab_size, (2, ROWS, SEQ + 1)).astype(np.int32)
+    batch = {"input_ids": ids[..., :-1], "labels": ids[..., 1:]}
+    before = {n: b.array for n, b in engine.upload_buf.items()}
+    engine.step(batch)
+    engine.sync()
+    assert set(engine.upload_buf) == set(before)
+    for name, buf in engine.upload_buf.items():
+        assert buf.array is not before[name]
+        want = host.units[name].master.astype(ml_dtypes.bfloat16)
+        np.testing.assert_array_equal(buf.host.view(np.uint16), want.view(np.uint16))
+    lost = "layers.1"
+    del engine.upload_buf[lost]
+    engine.step(batch)
+    engine.sync()
+    want = host.units[lost].master.astype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(engine.upload_buf[lost].host.view(np.uint16), want.view(np.uint16))
