@@ -13,8 +13,9 @@ head      the lm_head streams in vocabulary blocks no larger than a layer: pass 
           block, the fused linear cross-entropy does both in one pass.
 backward  layer by layer in reverse: recompute + vjp per micro-batch, weight gradients summed in
           fp32 on the GPU, one download per layer (a separate `device_put`, overlapping the next
-          compute), and the host optimizer updates layer i on a worker thread while the GPU works
-          on layer i-1. The embedding gradient comes back as the layer-0 input gradient and is
+          compute) into pinned memory that replaces the layer's (by then unneeded) upload copy:
+          the host optimizer updates layer i on a worker thread while the GPU works on layer
+          i-1, writing the next copy over the gradient as it reads it. The embedding gradient comes back as the layer-0 input gradient and is
           summed per distinct token on the host.
 clipping  exact: with a max norm, updates wait for the global norm (per-unit squared norms are
           computed where the gradients are, and summed), then run in forward order, so the next
