@@ -15,8 +15,8 @@ backward  layer by layer in reverse: recompute + vjp per micro-batch, weight gra
           fp32 on the GPU, one download per layer (a separate `device_put`, overlapping the next
           compute) into pinned memory that replaces the layer's (by then unneeded) upload copy:
           the host optimizer updates layer i on a worker thread while the GPU works on layer
-          i-1, writing the next copy over the gradient as it reads it. The embedding gradient comes back as the layer-0 input gradient and is
-          summed per distinct token on the host.
+          i-1, writing the next copy over the gradient as it reads it. The embedding gradient
+          comes back as the layer-0 input gradient and is summed per distinct token on the host.
 clipping  exact: with a max norm, updates wait for the global norm (per-unit squared norms are
           computed where the gradients are, and summed), then run in forward order, so the next
           step's layer i waits only for layer i's update.
@@ -51,8 +51,8 @@ from slidejax.config import ModelConfig
 from slidejax.distributed import Cluster, assign_owners, spans_processes
 from slidejax.embedding import RowGradient, gather_rows
 from slidejax.errors import SlidejaxError
-from slidejax.host_memory import (PINNED_POOL_ENV, HostModel, PinnedBuffer, Unit, host_memory_kind, host_view,
-                                  memory_sharding, numpy_dtype, pinned_pool_bytes, plan_host_memory)
+from slidejax.host_memory import (PINNED_POOL_ENV, FlatLayout, HostModel, PinnedBuffer, Unit, host_memory_kind,
+                                  host_view, memory_sharding, numpy_dtype, pinned_pool_bytes, plan_host_memory)
 from slidejax.host_optimizer import store_compute_copy
 from slidejax.model import LayerFn, rms_norm
 
@@ -516,6 +516,7 @@ class SlidingEngine:
         self.upload_buf: dict[str, PinnedBuffer] = {}  # streamed units' compute-dtype copies
         self.opt_state: dict[str, Any] = {}
         self.dev_state: dict[str, dict[str, Any]] = {}  # resident units: master, opt state, weights
+        self._resident_cache: dict[FlatLayout, tuple[Callable, Callable]] = {}
         self.rows_ready: dict[str, threading.Event] = {}
         for name, unit in host.units.items():
             self.ready[name], self.rows_ready[name] = threading.Event(), threading.Event()
@@ -678,13 +679,19 @@ class SlidingEngine:
         return lambda flat: unit.layout.views(flat.reshape(-1))
 
     def _init_resident(self, unit: Unit) -> None:
-        layout = unit.layout
-        mask = {n: layout.offsets[i] < layout.decay_split
-                for i, n in enumerate(layout.names)}
-        tx = self.opt.to_optax(mask=mask)
+        init, update = self._resident_fns(unit.layout)
         master = self._put_master(unit)
-        # Placed like the master: scalars such as the step count would otherwise land on one device.
-        opt_state = jax.jit(lambda m: tx.init(layout.views(m)), out_shardings=self.dev_sharding)(master)
+        self.dev_state[unit.name] = {"master": master, "opt": init(master), "weights": master.astype(self.dtype),
+                                     "update": update}
+
+    def _resident_fns(self, layout: FlatLayout) -> tuple[Callable, Callable]:
+        """Jitted optimizer init and update for resident units of one layout: one compile serves
+        every resident layer (and every vocabulary block of one size)."""
+        fns = self._resident_cache.get(layout)
+        if fns is not None:
+            return fns
+        mask = {n: layout.offsets[i] < layout.decay_split for i, n in enumerate(layout.names)}
+        tx = self.opt.to_optax(mask=mask)
         dtype = self.dtype
 
         def update(master, opt_state, grad, scale):
@@ -694,10 +701,11 @@ class SlidingEngine:
             new = layout.flatten(optax.apply_updates(p, updates))
             return new, opt_state, new.astype(dtype)
 
-        self.dev_state[unit.name] = {
-            "master": master, "opt": opt_state, "weights": master.astype(self.dtype),
-            "update": jax.jit(update, donate_argnums=(0, 1)),
-        }
+        # Placed like the master: scalars such as the step count would otherwise land on one device.
+        fns = (jax.jit(lambda m: tx.init(layout.views(m)), out_shardings=self.dev_sharding),
+               jax.jit(update, donate_argnums=(0, 1)))
+        self._resident_cache[layout] = fns
+        return fns
 
     def _put_master(self, unit: Unit) -> jax.Array:
         """A resident unit's fp32 master on the device, one unit at a time: XLA stages an upload

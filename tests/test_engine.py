@@ -142,6 +142,16 @@ def test_all_resident_reference_mode():
     run_case(resident=3, M=2, tied=True, vocab=600)
 
 
+def test_resident_units_of_one_layout_share_one_compiled_update():
+    cfg = make_cfg(tied=False, vocab=600)
+    host = HostModel(cfg)
+    host.load_tree(init_params(cfg, seed=1))
+    engine = SlidingEngine(host, adamw(), resident_layers=cfg.num_layers)
+    updates = {n: st["update"] for n, st in engine.dev_state.items()}
+    assert len({id(updates[f"layers.{i}"]) for i in range(cfg.num_layers)}) == 1
+    assert len(set(map(id, updates.values()))) == len({host.units[n].layout for n in updates})
+
+
 def test_auto_resident_layers_fill_the_budget():
     """resident_layers='auto' picks the most layers whose plan fits the budget, and plans grow
     with each resident layer by at least its weights and state."""
