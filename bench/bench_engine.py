@@ -28,6 +28,8 @@ def parse_args():
     p.add_argument("--prefetch", type=int, default=2, help="layers uploaded ahead")
     p.add_argument("--resident-layers", default="0",
                    help="decoder layers kept on the GPU, or auto (as many as the budget fits)")
+    p.add_argument("--gpu-update-layers", type=int, default=0,
+                   help="streamed layers whose AdamW runs on the GPU, state crossing PCIe (engine's gpu_update_layers)")
     p.add_argument("--host-threads", type=int, default=None, help="host optimizer threads (default: cores - 1)")
     p.add_argument("--devices", type=int, default=1,
                    help="local GPUs for data parallelism (micro-batch rows split across them; "
@@ -77,6 +79,7 @@ def main() -> None:
         planned_resident = 0 if args.resident_layers == "auto" else int(args.resident_layers)
         pinned_pool = size_pinned_pool(plan_host_memory(
             cfg, (rows, args.seq_len), micro, resident_layers=planned_resident,
+            gpu_update_layers=args.gpu_update_layers,
             moment_dtype=ml_dtypes.bfloat16 if args.moments == "bfloat16" else np.float32)["pinned"])
     if args.devices > len(jax.local_devices()):
         raise SystemExit(f"--devices {args.devices}: only {len(jax.local_devices())} local devices")
@@ -104,7 +107,8 @@ def main() -> None:
         engine = SlidingEngine(host, opt, compute_dtype="bfloat16", prefetch=args.prefetch,
                                resident_layers=args.layers if args.resident else resident,
                                max_grad_norm=args.clip, gpu_memory=budget, trace=args.trace is not None,
-                               micro_batch=(rows, args.seq_len), devices=jax.local_devices()[: args.devices])
+                               micro_batch=(rows, args.seq_len), devices=jax.local_devices()[: args.devices],
+                               gpu_update_layers=args.gpu_update_layers)
         setup_s = time.perf_counter() - t0
         rss["engine"] = common.vm_rss_bytes()
 
@@ -127,8 +131,7 @@ def main() -> None:
             state["i"] += 1
 
         def sync():
-            engine.worker.join()
-            jax.block_until_ready([st["master"] for st in engine.dev_state.values()])
+            engine.wait_updates()
 
         for _ in range(args.warmup):
             step()
@@ -161,6 +164,7 @@ def main() -> None:
              f"moments {args.moments}, resident layers {engine.resident_layers}"
              + (" (auto)" if args.resident_layers == "auto" and not args.resident else "")
              + (f", host threads {opt.threads}" if args.host_threads else "")
+             + (f", GPU-updated layers {sorted(engine.gpu_updated)}" if engine.gpu_updated else "")
              + (f", {args.devices} devices" if args.devices > 1 else ""))
     if pinned_pool is not None:
         notes += f", pinned pool capped at {pinned_pool >> 30} GiB"

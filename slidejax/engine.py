@@ -217,6 +217,16 @@ class HostWorker:
             raise err
 
 
+@dataclasses.dataclass
+class _PendingUpdate:
+    """A GPU-updated layer's state on the device, its update not yet dispatched."""
+
+    name: str
+    master: jax.Array
+    opt: Any
+    grad: jax.Array
+
+
 class _Acts:
     """One stage boundary's per-micro-batch activations: on the device while in use, otherwise in
     pinned host memory (so the boundary costs no GPU memory however many micro-batches a step has).
@@ -432,6 +442,11 @@ class SlidingEngine:
         reference with the same kernels. "auto": as many as the plan (`plan_memory`) fits in
         `gpu_memory` (default: the device's capacity) with micro-batches of `micro_batch`; each
         resident layer is host optimizer work the step no longer waits for.
+      gpu_update_layers: this many of the streamed decoder layers (spread over them) keep their
+        fp32 master and optimizer state in pinned host memory and are updated on the device: the
+        state crosses PCIe both ways (12 B/param each way for AdamW) while the host updates the
+        other layers, so with clipping the updates between two backwards take less time. Their
+        update runs where the next forward first needs the layer (or at `sync`).
       micro_batch: (rows, seq_len) of the micro-batches, when known up front: needed for
         resident_layers="auto", and with it an infeasible `gpu_memory` is refused here, before
         anything is allocated (otherwise at the first step).
@@ -457,7 +472,7 @@ class SlidingEngine:
                  device: jax.Device | None = None, loss_impl: str = "auto",
                  attention_impl: str | None = None, trace: bool = False,
                  gpu_memory: int | str | None = None, devices: Any = None,
-                 micro_batch: tuple[int, int] | None = None):
+                 micro_batch: tuple[int, int] | None = None, gpu_update_layers: int = 0):
         if prefetch < 1:
             raise SlidejaxError(f"prefetch must be >= 1, got {prefetch}")
         cfg = host.cfg
@@ -495,18 +510,19 @@ class SlidingEngine:
         self.gpu_memory = parse_bytes(gpu_memory)
         self._planned: set[tuple] = set()
         self._pinned_checked = 0  # the most micro-batches per step checked against the pinned pool
+        self._gpu_update_count = max(0, int(gpu_update_layers))
         if resident_layers == "auto":
             resident_layers = self._auto_resident(micro_batch)
         elif not isinstance(resident_layers, (int, np.integer)):
             raise SlidejaxError(f"resident_layers must be a number or 'auto', got {resident_layers!r}")
         self.resident_layers = max(0, min(int(resident_layers), self.L))
         self.all_resident = self.resident_layers == self.L
-        if micro_batch is not None:
-            self._check_budget((1, *micro_batch), segments=False)
-
         self.resident: set[str] = {f"layers.{i}" for i in range(self.L - self.resident_layers, self.L)}
         if self.all_resident:
             self.resident |= set(host.units)
+        self.gpu_updated = self._gpu_updated_layers(self._gpu_update_count)
+        if micro_batch is not None:
+            self._check_budget((1, *micro_batch), segments=False)
         head_names = {u.name for u in host.head_units}
         # Several processes: each streamed unit but the (replicated) embedding has one owner.
         self.owner: dict[str, int] = {} if self.dist is None else assign_owners(
@@ -522,10 +538,10 @@ class SlidingEngine:
             self.ready[name], self.rows_ready[name] = threading.Event(), threading.Event()
             self.ready[name].set()
             self.rows_ready[name].set()
-            if name in self.resident:
+            if name in self.resident or name in self.gpu_updated:
                 if optimizer is None:
-                    raise SlidejaxError("resident units need an optimizer")
-                self._init_resident(unit)
+                    raise SlidejaxError("resident and GPU-updated units need an optimizer")
+                self._init_resident(unit, parked=name in self.gpu_updated)
                 continue
             if not self._owns(name):  # its owner alone keeps master, state and upload copy
                 unit.master = np.zeros(unit.master.size, np.float32)  # lazily allocated: no memory
@@ -574,6 +590,10 @@ class SlidingEngine:
         resident_bytes = sum(units[n].master.size for n in resident) * (4 + moments + cd)
         resident_bytes += max((units[n].master.size for n in resident), default=0) * 12
         grads = unit_params * (4 + 4 + cd)  # fp32 accumulator, its update, the download copy
+        # GPU-updated layers: the state of up to prefetch+1 of them uploaded ahead of its update,
+        # with the gradient and the new weights.
+        gpu_updated = 0 if r == self.L else min(self.prefetch + 1, self._gpu_update_count, self.L - r)
+        gpu_updated *= cfg.layer_params * (4 + moments + 2 * cd)
 
         def working(fn, *args) -> int:
             m = fn.lower(*args).compile().memory_analysis()
@@ -593,8 +613,8 @@ class SlidingEngine:
                        sd((chunk_params,), jnp.float32))
         boundary = 6 * b * s * H * cd + 2 * b * s * H * 4
         plan = {"window": window, "resident": resident_bytes, "gradients": grads, "layer_backward": layer,
-                "head": head, "boundaries": boundary}
-        plan["total"] = window + resident_bytes + grads + max(layer, head) + boundary
+                "head": head, "boundaries": boundary, "gpu_updates": gpu_updated}
+        plan["total"] = window + resident_bytes + grads + max(layer, head) + boundary + gpu_updated
         return plan
 
     def plan_host_memory(self, micro_batch: tuple[int, int], micro_batches: int = 1) -> dict[str, int]:
@@ -602,7 +622,8 @@ class SlidingEngine:
         seq_len) with this engine's resident layers (see `host_memory.plan_host_memory`)."""
         return plan_host_memory(self.cfg, micro_batch, micro_batches, compute_dtype=self.dtype,
                                 moment_dtype=getattr(self.opt, "moment_dtype", np.float32),
-                                resident_layers=self.resident_layers, prefetch=self.prefetch)
+                                resident_layers=self.resident_layers, prefetch=self.prefetch,
+                                gpu_update_layers=len(self.gpu_updated))
 
     def _check_pinned_pool(self, shape: tuple[int, ...]) -> None:
         """On a GPU, refuse a step whose pinned host memory would overflow XLA's pinned pool
@@ -678,11 +699,31 @@ class SlidingEngine:
     def _tree_of(self, unit: Unit) -> Callable[[np.ndarray], Any]:
         return lambda flat: unit.layout.views(flat.reshape(-1))
 
-    def _init_resident(self, unit: Unit) -> None:
+    def _init_resident(self, unit: Unit, parked: bool = False) -> None:
+        """Device state of a resident unit; `parked`: of a GPU-updated layer, whose master and
+        optimizer state then live in pinned host memory between updates (with its upload copy,
+        and its downloaded gradient while an update is pending)."""
         init, update = self._resident_fns(unit.layout)
         master = self._put_master(unit)
-        self.dev_state[unit.name] = {"master": master, "opt": init(master), "weights": master.astype(self.dtype),
-                                     "update": update}
+        st = {"master": master, "opt": init(master), "weights": master.astype(self.dtype), "update": update}
+        if parked:
+            st = {**self._park(st), "update": update, "grad": None, "scale": None}
+            jax.block_until_ready(st["opt"])
+        self.dev_state[unit.name] = st
+
+    def _park(self, st: dict[str, Any]) -> dict[str, Any]:
+        """Master, optimizer state and weights of a GPU-updated layer, downloaded to pinned memory."""
+        park = functools.partial(jax.device_put, device=self.host_sharding)
+        return {"master": park(st["master"]), "opt": jax.tree.map(park, st["opt"]), "weights": park(st["weights"])}
+
+    def _gpu_updated_layers(self, count: int) -> frozenset[str]:
+        """`count` streamed layers spread evenly over them, so that in forward order the host's
+        updates and the device's alternate."""
+        streamed = [i for i in range(self.L) if f"layers.{i}" not in self.resident]
+        count = max(0, min(count, len(streamed)))
+        if count and self.dist is not None:
+            raise SlidejaxError("gpu_update_layers is not supported with several processes")
+        return frozenset(f"layers.{streamed[(2 * k + 1) * len(streamed) // (2 * count)]}" for k in range(count))
 
     def _resident_fns(self, layout: FlatLayout) -> tuple[Callable, Callable]:
         """Jitted optimizer init and update for resident units of one layout: one compile serves
@@ -746,6 +787,8 @@ class SlidingEngine:
         """Issue (or return) unit `name`'s weights on the device."""
         if name in self.resident:
             return self.dev_state[name]["weights"]
+        if name in self.gpu_updated:
+            return self._parked_weights(name)
         self.ready[name].wait()
         self.worker.check()
         if self.dist is not None:
@@ -757,6 +800,30 @@ class SlidingEngine:
                 self.trace.device("upload", name, out)
             return out
         return self._upload_array(self._upload_copy(name).array, name, self.dev_sharding)
+
+    def _parked_weights(self, name: str) -> Any:
+        """A GPU-updated layer's weights; with its update pending, the state is uploaded now and
+        the update dispatched where the weights are first used (`_resolve`), after the work
+        queued before it, so the update does not hold up the device's earlier layers."""
+        st = self.dev_state[name]
+        if st["grad"] is None:
+            return self._upload_array(st["weights"], name, self.dev_sharding)
+        up = functools.partial(jax.device_put, device=self.dev_sharding)
+        master = self._upload_array(st["master"], f"state {name}", self.dev_sharding)
+        return _PendingUpdate(name, master, jax.tree.map(up, st["opt"]), up(st["grad"]))
+
+    def _resolve(self, weights: Any) -> jax.Array:
+        """Weights from `_weights`, running a pending device update of a GPU-updated layer; its
+        new state goes back to pinned memory."""
+        if not isinstance(weights, _PendingUpdate):
+            return weights
+        st = self.dev_state[weights.name]
+        master, opt, new = st["update"](weights.master, weights.opt, weights.grad, jnp.float32(st["scale"]))
+        self._compute(f"update {weights.name}", new)
+        st.update(self._park({"master": master, "opt": opt, "weights": new}), grad=None, scale=None)
+        if self.trace:
+            self.trace.device("download", f"state {weights.name}", st["master"])
+        return new
 
     def _compute(self, what: str, value: Any) -> Any:
         if self.trace:
@@ -919,7 +986,7 @@ class SlidingEngine:
             for j in range(i, min(self.L, i + self.prefetch + 1)):
                 if j not in window:
                     window[j] = self._weights(f"layers.{j}")
-            w = window[i]
+            w = window[i] = self._resolve(window[i])
             nxt = _Acts(self, M)
             order = self._order(i, M)
             for n, mb in enumerate(order):
@@ -1062,7 +1129,7 @@ class SlidingEngine:
             for j in range(i, max(-1, i - self.prefetch - 1), -1):
                 if j not in window:
                     window[j] = self._weights(f"layers.{j}")
-            w = window[i]
+            w = window[i] = self._resolve(window[i])
             xs = ckpt[i]
             nxt = _Acts(self, M)
             # Start with the micro-batch whose dy is still on the device.
@@ -1125,6 +1192,11 @@ class SlidingEngine:
             acc = jax.device_put(acc, self.dev_sharding)  # the all-reduce, on the devices
         grad, sq = self.fns.finish(acc)
         self._compute(f"grad {name}", grad)
+        if name in self.gpu_updated:  # updated on the device when next needed (`_parked_weights`)
+            self._sq_norms[name] = sq
+            st = self.dev_state[name]
+            st["grad"], st["scale"] = self._download(grad, f"grad {name}"), self._scale
+            return
         if not self._owns(name):  # another process downloads and updates it
             self._sq_norms[name] = sq
             return
@@ -1221,6 +1293,10 @@ class SlidingEngine:
         for name, grad in self._resident_updates:
             self._update_resident(name, grad, self._scale)
         self._resident_updates = []
+        for name in self.gpu_updated:
+            st = self.dev_state[name]
+            if st["grad"] is not None and st["scale"] is None:
+                st["scale"] = self._scale
         if not self.all_resident:
             rowgrad, dxs = self._embed_job
             self._embed_job = None
@@ -1282,11 +1358,21 @@ class SlidingEngine:
                 self.worker.submit((step, 0), f"{u.name} ready", lambda: None, self.rows_ready[u.name])
 
     def sync(self) -> None:
-        """Finish every pending update (before reading or saving the weights)."""
-        self._flush_embed_update(None)
-        self.worker.join()
+        """Finish every pending update and copy device-held masters to the host (before reading
+        or saving the weights)."""
+        self.wait_updates()
         for name in self.dev_state:
             self._pull_resident(name)
+
+    def wait_updates(self) -> None:
+        """Run every pending update to completion: the host's, the resident units' and the
+        GPU-updated layers' (which otherwise run when the next forward needs them)."""
+        self._flush_embed_update(None)
+        self.worker.join()
+        for name in self.gpu_updated:
+            if self.dev_state[name]["grad"] is not None:
+                self._resolve(self._parked_weights(name))
+        jax.block_until_ready([(st["master"], st["opt"]) for st in self.dev_state.values()])
 
     def _pull_resident(self, name: str) -> None:
         self.host.units[name].master[...] = np.asarray(self.dev_state[name]["master"])
@@ -1438,6 +1524,8 @@ class SlidingEngine:
                 st["master"] = self._put_master(unit)
                 st["opt"] = jax.block_until_ready(self._resident_opt_from(name, src["opt"]))  # see _put_master
                 st["weights"] = st["master"].astype(self.dtype)
+                if name in self.gpu_updated:
+                    st.update(self._park(st), grad=None, scale=None)
             else:
                 if name in self.opt_state:
                     self.opt_state[name].load_state_dict(src["opt"])

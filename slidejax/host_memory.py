@@ -289,12 +289,15 @@ _PINNED_POOL_DEFAULT_GB = 64  # XLA's default cap when device memory is not prea
 
 def plan_host_memory(cfg: "ModelConfig", micro_batch: tuple[int, int], micro_batches: int = 1, *,
                      compute_dtype: Any = "bfloat16", moment_dtype: Any = np.float32,
-                     resident_layers: int = 0, prefetch: int = 2) -> dict[str, int]:
+                     resident_layers: int = 0, prefetch: int = 2,
+                     gpu_update_layers: int = 0) -> dict[str, int]:
     """Host bytes a one-process sliding engine holds for steps of `micro_batches` micro-batches of
     `micro_batch` = (rows, seq_len) tokens, split into what XLA's pinned pool must hold and the
     rest. Upper bounds: every boundary activation is counted as offloaded.
 
     - masters: fp32 weights of every unit (resident units keep theirs for `sync`/export);
+    - gpu_updated_state (pinned): master, optimizer state, upload copy and pending gradient of
+      the `gpu_update_layers` streamed layers updated on the device;
     - optimizer: the host optimizer's state of every unit it updates (AdamW's two moments);
     - upload_copies (pinned): compute-dtype copies of the streamed units (the untied embedding is
       gathered from its master on the host and has none);
@@ -308,19 +311,22 @@ def plan_host_memory(cfg: "ModelConfig", micro_batch: tuple[int, int], micro_bat
     cd = numpy_dtype(compute_dtype).itemsize
     L, H, V = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
     r = max(0, min(int(resident_layers), L))
-    streamed = 0 if r == L else (L - r) * cfg.layer_params + H + V * H  # layers, norm, head blocks
+    g = 0 if r == L else max(0, min(int(gpu_update_layers), L - r))
+    streamed = 0 if r == L else (L - r - g) * cfg.layer_params + H + V * H  # layers, norm, head blocks
+    moment = numpy_dtype(moment_dtype).itemsize
     host_updated = 0 if r == L else streamed + (0 if cfg.tie_word_embeddings else V * H)
     tokens = micro_batches * rows * seq
     unit = max(cfg.layer_params, max((b - a for a, b in vocab_chunks(cfg)), default=0) * H)
     plan = {
         "masters": 4 * cfg.num_params,
-        "optimizer": 2 * numpy_dtype(moment_dtype).itemsize * host_updated,
+        "optimizer": 2 * moment * host_updated,
+        "gpu_updated_state": g * cfg.layer_params * (4 + 2 * moment + 2 * cd),
         "upload_copies": cd * streamed,
         "gradients": 0 if r == L else cd * (prefetch + 1) * unit,
         "activations": (L + 4) * tokens * H * cd,
         "embedding_rows": 0 if r == L else 2 * 4 * min(tokens, V) * H,
     }
-    plan["pinned"] = plan["upload_copies"] + plan["gradients"] + plan["activations"]
+    plan["pinned"] = plan["upload_copies"] + plan["gradients"] + plan["activations"] + plan["gpu_updated_state"]
     plan["total"] = sum(v for k, v in plan.items() if k != "pinned")
     return plan
 

@@ -73,7 +73,7 @@ def rel_err(a, b) -> float:
 
 
 def run_case(*, tied=False, vocab=97, M=2, prefetch=2, resident=0, clip=0.0, steps=3, packed=True,
-             split=None, opt="adamw", layers=3, seed=0):
+             split=None, opt="adamw", layers=3, seed=0, gpu_update=0):
     cfg = make_cfg(tied, vocab, layers)
     rng = np.random.default_rng(seed)
     host = HostModel(cfg)
@@ -83,7 +83,7 @@ def run_case(*, tied=False, vocab=97, M=2, prefetch=2, resident=0, clip=0.0, ste
     ref_state = tx.init(ref_params)
     optimizer = adamw() if opt == "adamw" else HostOptax(tx)
     engine = SlidingEngine(host, optimizer, compute_dtype="float32", prefetch=prefetch,
-                           resident_layers=resident, max_grad_norm=clip)
+                           resident_layers=resident, max_grad_norm=clip, gpu_update_layers=gpu_update)
     step_ref = reference_step(cfg, clip, opt)
     batches = [random_batch(rng, vocab, M, packed) for _ in range(steps)]
     for t, batch in enumerate(batches):
@@ -136,6 +136,14 @@ def test_untied_several_vocab_blocks_and_single_micro_batch():
 
 def test_resident_layers_mixed_with_streamed():
     run_case(resident=2, M=2, clip=1e-3)
+
+
+@pytest.mark.parametrize("clip,resident,gpu_update,opt", [(1e-3, 0, 2, "adamw"), (0.0, 1, 1, "adamw"),
+                                                          (1e-3, 0, 3, "sgd")])
+def test_gpu_updated_layers(clip, resident, gpu_update, opt):
+    engine = run_case(clip=clip, resident=resident, gpu_update=gpu_update, opt=opt, layers=4, M=2)
+    assert len(engine.gpu_updated) == gpu_update
+    assert not engine.gpu_updated & engine.resident
 
 
 def test_all_resident_reference_mode():
@@ -254,21 +262,22 @@ def test_state_dict_roundtrip_resumes_exactly():
 
 
 @pytest.mark.parametrize("opt", ["adamw", "sgd"])
-@pytest.mark.parametrize("before,after", [(0, 2), (2, 0)])
+@pytest.mark.parametrize("before,after", [((0, 0), (2, 0)), ((2, 0), (0, 0)), ((0, 2), (0, 0)), ((0, 0), (1, 2))])
 def test_checkpoint_resumes_with_other_resident_layers(opt, before, after):
-    """A state_dict does not depend on which units were resident: saved with `before` resident
-    layers and resumed with `after`, training continues as if uninterrupted."""
+    """A state_dict does not depend on which units were resident or GPU-updated: saved with
+    `before` = (resident, GPU-updated) layers and resumed with `after`, training continues as if
+    uninterrupted."""
     cfg = make_cfg(False, 97)
     rng = np.random.default_rng()
     params = init_params(cfg, seed=int(rng.integers(1 << 30)))
     batches = [random_batch(rng, cfg.vocab_size, 2, packed=True) for _ in range(4)]
 
-    def engine(resident):
+    def engine(layers):
         host = HostModel(cfg)
         host.load_tree(params)
         optimizer = adamw() if opt == "adamw" else HostOptax(tx_for(opt))
         return host, SlidingEngine(host, optimizer, compute_dtype="float32", max_grad_norm=0.5,
-                                   resident_layers=resident)
+                                   resident_layers=layers[0], gpu_update_layers=layers[1])
 
     host_a, a = engine(before)
     for b in batches:

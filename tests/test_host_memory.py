@@ -3,6 +3,7 @@ the untied embedding is looked up from its fp32 master (no bf16 copy of the tabl
 
 from __future__ import annotations
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -28,21 +29,27 @@ def make_host(tied: bool, layers: int = 3, vocab: int = 300) -> HostModel:
 
 
 @pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("resident", [0, 1, 3])
+@pytest.mark.parametrize("resident,gpu_update", [(0, 0), (1, 0), (3, 0), (0, 2), (1, 1)])
 @pytest.mark.parametrize("moments", [np.float32, ml_dtypes.bfloat16])
-def test_plan_counts_the_buffers_the_engine_allocates(tied, resident, moments):
+def test_plan_counts_the_buffers_the_engine_allocates(tied, resident, gpu_update, moments):
     host = make_host(tied)
     assert len(host.embed_units) > 1  # several vocabulary blocks
     engine = SlidingEngine(host, HostAdamW(1e-3, moment_dtype=moments), compute_dtype="bfloat16",
-                           resident_layers=resident)
+                           resident_layers=resident, gpu_update_layers=gpu_update)
     plan = engine.plan_host_memory((ROWS, SEQ), micro_batches=3)
     assert plan == plan_host_memory(host.cfg, (ROWS, SEQ), 3, compute_dtype="bfloat16", moment_dtype=moments,
-                                    resident_layers=resident)
+                                    resident_layers=resident, gpu_update_layers=gpu_update)
+    # GPU-updated layers: master, optimizer state and copy parked, room for a pending gradient.
+    parked = sum(sum(x.nbytes for x in jax.tree.leaves(engine.dev_state[n]) if isinstance(x, jax.Array))
+                 for n in engine.gpu_updated)
+    pending = 2 * host.cfg.layer_params * gpu_update
+    assert abs(plan["gpu_updated_state"] - pending - parked) <= 64 * gpu_update  # step counts
     assert plan["masters"] == host.nbytes
     assert plan["upload_copies"] == sum(b.host.nbytes for b in engine.upload_buf.values())
     assert plan["optimizer"] == sum(s.mu.nbytes + s.nu.nbytes for s in engine.opt_state.values())
     assert plan["gradients"] == (0 if resident == 3 else 3 * 2 * max(u.master.size for u in host.units.values()))
-    assert plan["pinned"] == plan["upload_copies"] + plan["gradients"] + plan["activations"]
+    assert plan["pinned"] == (plan["upload_copies"] + plan["gradients"] + plan["activations"]
+                              + plan["gpu_updated_state"])
     assert plan["total"] == plan["pinned"] + plan["masters"] + plan["optimizer"] + plan["embedding_rows"]
     # The untied embedding has no compute-dtype copy: it is gathered from its master.
     assert not any(n.startswith("embed.") for n in engine.upload_buf) or tied
