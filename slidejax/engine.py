@@ -217,6 +217,13 @@ class HostWorker:
             raise err
 
 
+def _spread(count: int, streamed: int) -> list[int]:
+    """`count` of layers 0..streamed-1 spread evenly (GPU-updated layers): in forward order the
+    host's updates and the device's then alternate."""
+    count = max(0, min(count, streamed))
+    return [(2 * k + 1) * streamed // (2 * count) for k in range(count)]
+
+
 @dataclasses.dataclass
 class _PendingUpdate:
     """A GPU-updated layer's state on the device, its update not yet dispatched."""
@@ -590,10 +597,11 @@ class SlidingEngine:
         resident_bytes = sum(units[n].master.size for n in resident) * (4 + moments + cd)
         resident_bytes += max((units[n].master.size for n in resident), default=0) * 12
         grads = unit_params * (4 + 4 + cd)  # fp32 accumulator, its update, the download copy
-        # GPU-updated layers: the state of up to prefetch+1 of them uploaded ahead of its update,
+        # GPU-updated layers: the state of those in the window, uploaded ahead of their update,
         # with the gradient and the new weights.
-        gpu_updated = 0 if r == self.L else min(self.prefetch + 1, self._gpu_update_count, self.L - r)
-        gpu_updated *= cfg.layer_params * (4 + moments + 2 * cd)
+        chosen = _spread(self._gpu_update_count, self.L - r) if r < self.L else []
+        in_window = max((sum(i <= j <= i + self.prefetch for j in chosen) for i in range(self.L)), default=0)
+        gpu_updated = in_window * cfg.layer_params * (4 + moments + 2 * cd)
 
         def working(fn, *args) -> int:
             m = fn.lower(*args).compile().memory_analysis()
@@ -717,13 +725,9 @@ class SlidingEngine:
         return {"master": park(st["master"]), "opt": jax.tree.map(park, st["opt"]), "weights": park(st["weights"])}
 
     def _gpu_updated_layers(self, count: int) -> frozenset[str]:
-        """`count` streamed layers spread evenly over them, so that in forward order the host's
-        updates and the device's alternate."""
-        streamed = [i for i in range(self.L) if f"layers.{i}" not in self.resident]
-        count = max(0, min(count, len(streamed)))
         if count and self.dist is not None:
             raise SlidejaxError("gpu_update_layers is not supported with several processes")
-        return frozenset(f"layers.{streamed[(2 * k + 1) * len(streamed) // (2 * count)]}" for k in range(count))
+        return frozenset(f"layers.{i}" for i in _spread(count, self.L - self.resident_layers))
 
     def _resident_fns(self, layout: FlatLayout) -> tuple[Callable, Callable]:
         """Jitted optimizer init and update for resident units of one layout: one compile serves
