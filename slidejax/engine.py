@@ -721,7 +721,9 @@ class SlidingEngine:
 
     def _park(self, st: dict[str, Any]) -> dict[str, Any]:
         """Master, optimizer state and weights of a GPU-updated layer, downloaded to pinned memory."""
-        park = functools.partial(jax.device_put, device=self.host_sharding)
+        def park(x: jax.Array) -> jax.Array:  # one device's copy of a replicated array
+            return jax.device_put(x.addressable_shards[0].data if len(self.devices) > 1 else x, self.host_sharding)
+
         return {"master": park(st["master"]), "opt": jax.tree.map(park, st["opt"]), "weights": park(st["weights"])}
 
     def _gpu_updated_layers(self, count: int) -> frozenset[str]:

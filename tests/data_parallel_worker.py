@@ -20,6 +20,7 @@ from slidejax.model import init_params  # noqa: E402
 
 seed = int(sys.argv[3])
 tied = sys.argv[4] == "tied"
+gpu_update = int(sys.argv[5]) if len(sys.argv) > 5 else 0
 cfg = ModelConfig(model_type="llama", vocab_size=600 if tied else 97, hidden_size=32, intermediate_size=48,
                   num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=tied)
 host = HostModel(cfg)
@@ -28,7 +29,8 @@ initial = {name: u.master.copy() for name, u in host.units.items()}
 devices = jax.devices()[:n_devices]
 assert len(devices) == n_devices, jax.devices()
 opt = HostAdamW(learning_rate=optax.linear_schedule(5e-4, 1e-4, 8), weight_decay=0.1, eps=1e-6)
-engine = SlidingEngine(host, opt, compute_dtype="float32", max_grad_norm=1e-3, devices=devices)
+engine = SlidingEngine(host, opt, compute_dtype="float32", max_grad_norm=1e-3, devices=devices,
+                       gpu_update_layers=gpu_update)
 rng = np.random.default_rng(seed)
 losses = []
 for _ in range(3):

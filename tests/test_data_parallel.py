@@ -18,18 +18,18 @@ import pytest
 WORKER = Path(__file__).with_name("data_parallel_worker.py")
 
 
-def train(tmp_path: Path, n: int, seed: int, tied: str) -> dict[str, np.ndarray]:
-    out = tmp_path / f"dp{n}_{tied}.npz"
-    proc = subprocess.run([sys.executable, str(WORKER), str(n), str(out), str(seed), tied],
+def train(tmp_path: Path, n: int, seed: int, tied: str, gpu_update: int = 0) -> dict[str, np.ndarray]:
+    out = tmp_path / f"dp{n}_{tied}_{gpu_update}.npz"
+    proc = subprocess.run([sys.executable, str(WORKER), str(n), str(out), str(seed), tied, str(gpu_update)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dict(np.load(out))
 
 
-@pytest.mark.parametrize("tied", ["untied", "tied"])
-def test_one_two_four_devices_same_parameters(tmp_path, tied):
+@pytest.mark.parametrize("tied,gpu_update", [("untied", 0), ("tied", 0), ("untied", 2)])
+def test_one_two_four_devices_same_parameters(tmp_path, tied, gpu_update):
     seed = int(np.random.default_rng().integers(1 << 20))
-    runs = {n: train(tmp_path, n, seed, tied) for n in (1, 2, 4)}
+    runs = {n: train(tmp_path, n, seed, tied, gpu_update) for n in (1, 2, 4)}
     base = runs[1]
     for n in (2, 4):
         np.testing.assert_allclose(runs[n]["losses"], base["losses"], rtol=1e-6)
