@@ -597,10 +597,10 @@ class SlidingEngine:
         resident_bytes = sum(units[n].master.size for n in resident) * (4 + moments + cd)
         resident_bytes += max((units[n].master.size for n in resident), default=0) * 12
         grads = unit_params * (4 + 4 + cd)  # fp32 accumulator, its update, the download copy
-        # GPU-updated layers: the state of those in the window, uploaded ahead of their update,
-        # with the gradient and the new weights.
+        # GPU-updated layers: the state of the one being updated and of the next layer if it is
+        # one too (uploaded one layer ahead), with the gradient and the new weights.
         chosen = _spread(self._gpu_update_count, self.L - r) if r < self.L else []
-        in_window = max((sum(i <= j <= i + self.prefetch for j in chosen) for i in range(self.L)), default=0)
+        in_window = max((sum(i <= j <= i + 1 for j in chosen) for i in range(self.L)), default=0)
         gpu_updated = in_window * cfg.layer_params * (4 + moments + 2 * cd)
 
         def working(fn, *args) -> int:
@@ -807,6 +807,9 @@ class SlidingEngine:
             return out
         return self._upload_array(self._upload_copy(name).array, name, self.dev_sharding)
 
+    def _update_pending(self, name: str) -> bool:
+        return name in self.gpu_updated and self.dev_state[name]["grad"] is not None
+
     def _parked_weights(self, name: str) -> Any:
         """A GPU-updated layer's weights; with its update pending, the state is uploaded now and
         the update dispatched where the weights are first used (`_resolve`), after the work
@@ -990,7 +993,9 @@ class SlidingEngine:
                 jax.block_until_ready(last_out)
             window.pop(i - 1, None)
             for j in range(i, min(self.L, i + self.prefetch + 1)):
-                if j not in window:
+                if j not in window and (j <= i + 1 or not self._update_pending(f"layers.{j}")):
+                    # A pending GPU update's state goes up one layer ahead, not k: PCIe carries
+                    # one state at a time anyway, and the device holds one less.
                     window[j] = self._weights(f"layers.{j}")
             w = window[i] = self._resolve(window[i])
             nxt = _Acts(self, M)
