@@ -424,8 +424,8 @@ def host_memory_need(cfg: ModelConfig, config: TrainConfig, optimizer: Any = Non
     if not (optimizer is None or isinstance(optimizer, HostAdamW)):
         tx = optimizer.tx if isinstance(optimizer, HostOptax) else optimizer
         need["optimizer"] = _optax_state_bytes(tx, cfg, vocab_chunks(cfg))
-    need.pop("pinned")
-    need.pop("total")
+    for key in ("pinned", "total", "gpu_updated_state"):  # the trainer has no GPU-updated layers
+        need.pop(key)
     need["snapshot"] = need["masters"] + need["optimizer"]
     need["runtime"] = 1_000_000_000
     return need
