@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The engine on the GPU machine, in one call: several bench_engine.py runs (each "name: args" line
-# of $CASES, default below), then optionally (TESTS=1) the engine's GPU tests. Results go to
+# of $CASES, default below; CASES="" runs none), then optionally (TESTS=1) the engine's GPU tests. Results go to
 # $OUT/engine.jsonl (one JSON object per run, with its name), the full log to $OUT/log.txt, traces
 # to wherever the case's --trace points (keep them under $OUT).
 set -o pipefail
@@ -9,7 +9,7 @@ LOG=$OUT/log.txt
 step() { echo "=== $* ($(date +%T))" | tee -a "$LOG"; }
 step setup
 source bench/device_setup.sh >>"$LOG" 2>&1 || { tail -30 "$LOG"; exit 1; }
-CASES=${CASES:-"s16: --layers 8 --tokens-per-step 16384 --gpu-memory 24GB"}
+CASES=${CASES-"s16: --layers 8 --tokens-per-step 16384 --gpu-memory 24GB"}
 while IFS= read -r line; do
     [ -z "$line" ] && continue
     name=${line%%:*}; args=${line#*:}
