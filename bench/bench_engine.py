@@ -79,8 +79,7 @@ def main() -> None:
         planned_resident = 0 if args.resident_layers == "auto" else int(args.resident_layers)
         pinned_pool = size_pinned_pool(plan_host_memory(
             cfg, (rows, args.seq_len), micro, resident_layers=planned_resident,
-            gpu_update_layers=args.gpu_update_layers,
-            moment_dtype=ml_dtypes.bfloat16 if args.moments == "bfloat16" else np.float32)["pinned"])
+            gpu_update_layers=args.gpu_update_layers, moment_dtype=args.moments)["pinned"])
     if args.devices > len(jax.local_devices()):
         raise SystemExit(f"--devices {args.devices}: only {len(jax.local_devices())} local devices")
     rss = {}

@@ -52,7 +52,8 @@ from slidejax.distributed import Cluster, assign_owners, spans_processes
 from slidejax.embedding import RowGradient, gather_rows
 from slidejax.errors import SlidejaxError
 from slidejax.host_memory import (PINNED_POOL_ENV, FlatLayout, HostModel, PinnedBuffer, Unit, host_memory_kind,
-                                  host_view, memory_sharding, numpy_dtype, pinned_pool_bytes, plan_host_memory)
+                                  host_view, memory_sharding, numpy_dtype, pinned_pool_bytes, pinned_pool_gb,
+                                  plan_host_memory)
 from slidejax.host_optimizer import store_compute_copy
 from slidejax.model import LayerFn, rms_norm
 
@@ -553,12 +554,8 @@ class SlidingEngine:
             if not self._owns(name):  # its owner alone keeps master, state and upload copy
                 unit.master = np.zeros(unit.master.size, np.float32)  # lazily allocated: no memory
                 continue
-            if name.startswith("embed.") and name not in head_names:
-                pass  # never uploaded: its rows are gathered (and rounded) from the master
-            else:
-                pb = PinnedBuffer(unit.master.size, self.np_dtype, self.device)
-                store_compute_copy(unit.master, pb.host)
-                self.upload_buf[name] = pb
+            if not name.startswith("embed.") or name in head_names:  # the untied embedding is
+                self._upload_copy(name)  # never uploaded: its rows are gathered from the master
             if optimizer is not None:  # None: an inference-only engine
                 self.opt_state[name] = optimizer.init(unit.master.reshape(self._shape(unit)), tree_of=self._tree_of(unit))
         self._copied = frozenset(self.upload_buf)  # the units that have an upload copy
@@ -643,7 +640,7 @@ class SlidingEngine:
             raise SlidejaxError(
                 f"steps of {shape[0]}x{shape[1]}x{shape[2]} tokens need up to {need / 2**30:.1f} GiB of pinned "
                 f"host memory, more than XLA's pinned pool of {pinned_pool_bytes() >> 30} GiB: set "
-                f"{PINNED_POOL_ENV}={-(-need * 115 // 100 >> 30) + 1} before jax starts (or use fewer tokens "
+                f"{PINNED_POOL_ENV}={pinned_pool_gb(need)} before jax starts (or use fewer tokens "
                 f"per step or more resident layers)")
 
     AUTO_MARGIN = 0.8  # of the budget: allocator fragmentation and what the plan does not see
@@ -1256,8 +1253,8 @@ class SlidingEngine:
         return (unit.rows[1] - unit.rows[0], self.cfg.hidden_size) if unit.rows else unit.master.shape
 
     def _upload_copy(self, name: str) -> PinnedBuffer:
-        """Unit `name`'s compute-dtype copy, rebuilt from its master if a step that failed
-        between a unit's backward and its update left it released (see `_finish_unit`)."""
+        """Unit `name`'s compute-dtype copy, made from its master at set-up, and again if a step
+        that failed between a unit's backward and its update left it released (`_finish_unit`)."""
         buf = self.upload_buf.get(name)
         if buf is None:
             unit = self.host.units[name]

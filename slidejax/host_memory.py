@@ -111,9 +111,15 @@ def host_view(array: jax.Array) -> np.ndarray:
     if (array.sharding.memory_kind != "pinned_host" or len(devices) != 1
             or next(iter(devices)).platform == "cpu"):  # XLA:CPU arrays are viewed by np.asarray
         return np.asarray(array)
+    return _buffer_view(array).reshape(array.shape)
+
+
+def _buffer_view(array: jax.Array) -> np.ndarray:
+    """A flat, writable numpy view of a ready single-device array's buffer (through its pointer:
+    it does not keep `array` alive)."""
     dtype = np.dtype(array.dtype)
     raw = (ctypes.c_uint8 * (array.size * dtype.itemsize)).from_address(array.unsafe_buffer_pointer())
-    return np.frombuffer(raw, dtype=np.uint8).view(dtype).reshape(array.shape)
+    return np.frombuffer(raw, dtype=np.uint8).view(dtype)
 
 
 class PinnedBuffer:
@@ -143,9 +149,7 @@ class PinnedBuffer:
     def _wrap(self, array: jax.Array) -> None:
         array.block_until_ready()
         self.array = array
-        dtype = np.dtype(array.dtype)
-        raw = (ctypes.c_uint8 * (array.size * dtype.itemsize)).from_address(array.unsafe_buffer_pointer())
-        self.host = np.frombuffer(raw, dtype=np.uint8).view(dtype)  # flat; kept alive through .array
+        self.host = _buffer_view(array)  # kept alive through .array
 
     def __len__(self) -> int:
         return self.host.shape[0]  # elements (host is the flat view)
@@ -339,15 +343,19 @@ def pinned_pool_bytes() -> int:
     return gb << 30
 
 
-def size_pinned_pool(pinned_bytes: int, slack: float = 0.15) -> int:
-    """Cap XLA's pinned pool at `pinned_bytes` plus `slack` and 1 GiB for fragmentation, in whole
-    GiB, and return the cap in bytes. Must run before the GPU backend starts; a value already in
-    the environment is kept.
+def pinned_pool_gb(pinned_bytes: int, slack: float = 0.15) -> int:
+    """The pinned pool, in whole GiB, for `pinned_bytes` in use: plus `slack` and 1 GiB for
+    fragmentation."""
+    return -(-int(pinned_bytes * (1 + slack) + (1 << 30)) >> 30)
+
+
+def size_pinned_pool(pinned_bytes: int) -> int:
+    """Cap XLA's pinned pool at `pinned_pool_gb(pinned_bytes)` and return the cap in bytes. Must
+    run before the GPU backend starts; a value already in the environment is kept.
 
     Why: XLA grows its pinned pool (a best-fit allocator over `cudaHostAlloc` regions) by
     doubling each new region, and pinned pages are resident, so without a cap the pool can hold
     up to twice what is in use. With the cap, the last region is cut to the cap.
     """
-    gb = -(-int(pinned_bytes * (1 + slack) + (1 << 30)) >> 30)
-    os.environ.setdefault(PINNED_POOL_ENV, str(gb))
+    os.environ.setdefault(PINNED_POOL_ENV, str(pinned_pool_gb(pinned_bytes)))
     return pinned_pool_bytes()

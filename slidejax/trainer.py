@@ -34,7 +34,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import optax
 
@@ -392,6 +391,8 @@ def default_compute_dtype() -> str:
 
 def make_optimizer(config: TrainConfig, total_steps: int | None) -> Any:
     """The CLI's optimizer: `HostAdamW` with the configured schedule."""
+    import ml_dtypes
+
     from slidejax.host_optimizer import HostAdamW
 
     schedule = lr_schedule(config.lr, config.schedule, config.warmup_steps(total_steps or 0), total_steps)
@@ -412,16 +413,13 @@ def host_memory_need(cfg: ModelConfig, config: TrainConfig, optimizer: Any = Non
     from slidejax.host_memory import plan_host_memory, vocab_chunks
     from slidejax.host_optimizer import HostAdamW, HostOptax
 
-    if optimizer is None or isinstance(optimizer, HostAdamW):
-        moments = (ml_dtypes.bfloat16 if config.moment_dtype == "bfloat16" else np.float32) if optimizer is None \
-            else optimizer.moment_dtype
-    else:
-        moments = np.float32
+    host_adamw = optimizer is None or isinstance(optimizer, HostAdamW)
+    moments = config.moment_dtype if optimizer is None else getattr(optimizer, "moment_dtype", np.float32)
     resident = config.resident_layers if isinstance(config.resident_layers, int) else 0
     need = plan_host_memory(cfg, (config.micro_batch_size, config.seq_len), config.micro_batches,
                             compute_dtype=_resolve_dtype(config.compute_dtype), moment_dtype=moments,
                             resident_layers=resident)
-    if not (optimizer is None or isinstance(optimizer, HostAdamW)):
+    if not host_adamw:  # any optax transformation: its state, counted from its own init
         tx = optimizer.tx if isinstance(optimizer, HostOptax) else optimizer
         need["optimizer"] = _optax_state_bytes(tx, cfg, vocab_chunks(cfg))
     for key in ("pinned", "total", "gpu_updated_state"):  # the trainer has no GPU-updated layers
