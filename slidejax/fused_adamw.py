@@ -40,6 +40,7 @@ from numba.extending import intrinsic
 # reassociation or FMA contraction would make results differ from optax's by more than rounding
 # order, and the pass is DRAM-bound, so it would buy nothing.
 _OPTS = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False)
+_BLOCK = 4096  # elements of gradient staged per block in `adamw_spans` (16 KiB of float32: L1-resident)
 
 
 _i16 = ir.IntType(16)
@@ -220,35 +221,53 @@ def adamw_spans(spans, nthreads, decay_split, master, m, v, grad, zeros, upload,
         v_ = v[lo:hi]
         g_ = grad[gstart : gstart + k] if gstart >= 0 else zeros[:k]
         u_ = upload[lo:hi] if write_upload else upload[:0]
-        for j in range(k):
-            g = _to_f32(g_[j]) * scale
-            p0 = p_[j]
-            mu = c1 * g + b1 * _to_f32(m_[j])
-            nu = c2 * (g * g) + b2 * _to_f32(v_[j])
-            u = (mu / bc1) / (np.sqrt(nu / bc2 + eps_root) + eps)
-            u = u + wd * p0 if j < jd else u
-            p = p0 + neg_lr * u
-            p_[j] = p
-            m_[j] = _rne_like(mu, m_)
-            v_[j] = _sr_like(nu, key, p0, g, v_)
-            if write_upload:
-                u_[j] = _rne_like(p, u_)
+        # The engine writes the upload copy over the gradient it reads (one buffer). LLVM's
+        # vectorised loop guards against overlapping arrays at run time and falls back to the
+        # scalar loop, 5x slower; so each block's gradient is first copied to a small local
+        # buffer (L1-resident) and the update loop never reads an array it writes.
+        gl = np.empty(_BLOCK, np.float32)
+        for b0 in range(0, k, _BLOCK):
+            kb = min(_BLOCK, k - b0)
+            gb = g_[b0 : b0 + kb]
+            for j in range(kb):
+                gl[j] = _to_f32(gb[j]) * scale
+            pb = p_[b0 : b0 + kb]
+            mb = m_[b0 : b0 + kb]
+            vb = v_[b0 : b0 + kb]
+            ub = u_[b0 : b0 + kb] if write_upload else u_[:0]
+            jdb = min(max(jd - b0, 0), kb)
+            for j in range(kb):
+                g = gl[j]
+                p0 = pb[j]
+                mu = c1 * g + b1 * _to_f32(mb[j])
+                nu = c2 * (g * g) + b2 * _to_f32(vb[j])
+                u = (mu / bc1) / (np.sqrt(nu / bc2 + eps_root) + eps)
+                u = u + wd * p0 if j < jdb else u
+                p = p0 + neg_lr * u
+                pb[j] = p
+                mb[j] = _rne_like(mu, mb)
+                vb[j] = _sr_like(nu, key, p0, g, vb)
+                if write_upload:
+                    ub[j] = _rne_like(p, ub)
 
 
 @njit(parallel=True, **_OPTS)
-def store_params(src, nchunks, master, upload, write_upload):
+def store_params(src, nchunks, master, upload, write_master, write_upload):
     """master[:] = src and upload[:] = compute-dtype copy of src (round-to-nearest-even for bf16),
-    in one pass over `nchunks` contiguous chunks (the generic optax path's write-back)."""
+    in one pass over `nchunks` contiguous chunks (the generic optax path's write-back); without
+    `write_master` only the copy is written (src is the master: a self-copy would make the loop's
+    run-time overlap check fail, and the loop run scalar)."""
     n = src.shape[0]
     for t in prange(nchunks):
         lo = n * t // nchunks
         hi = n * (t + 1) // nchunks
         s_ = src[lo:hi]
-        p_ = master[lo:hi]
+        p_ = master[lo:hi] if write_master else master[:0]
         u_ = upload[lo:hi] if write_upload else upload[:0]
         for j in range(hi - lo):
             x = s_[j]
-            p_[j] = x
+            if write_master:
+                p_[j] = x
             if write_upload:
                 u_[j] = _rne_like(x, u_)
 

@@ -222,7 +222,7 @@ def store_compute_copy(master: np.ndarray, upload: np.ndarray, threads: int | No
     n = master.size
     p = _flat(master, "master", n, (F32,), writable=True)
     up = _flat(upload, "upload", n, (BF16, F32), writable=True)
-    fa.launch(fa.store_params, default_threads() if threads is None else threads, p, p, _kernel_view(up), True)
+    fa.launch(fa.store_params, default_threads() if threads is None else threads, p, p, _kernel_view(up), False, True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -725,7 +725,7 @@ class HostOptax:
         )
         fa.launch(
             fa.store_params, self.threads, np.asarray(new_flat), p,
-            _no_upload(BF16) if up is None else _kernel_view(up), up is not None,
+            _no_upload(BF16) if up is None else _kernel_view(up), True, up is not None,
         )
         state.count += 1
 

@@ -104,6 +104,30 @@ def test_fused_equals_optax_adamw_bitwise(grad_dtype, upload_dtype):
         _assert_bitwise(upload, master.astype(upload_dtype), "upload")
 
 
+@pytest.mark.parametrize("dtype,moment_dtype", [(BF16, np.float32), (np.float32, np.float32), (BF16, BF16)])
+def test_upload_written_over_its_own_gradient_equals_separate_buffers(dtype, moment_dtype):
+    """The engine writes each unit's upload copy over the gradient it reads (one pinned buffer):
+    every element's gradient must be read before its copy overwrites it, across the kernel's
+    staging blocks and the decay split, giving the bits of separate buffers (themselves checked
+    against optax above)."""
+    rng = np.random.default_rng(1)
+    master0 = _rand(rng, N)
+    opt = HostAdamW(3e-2, b1=0.85, b2=0.99, weight_decay=0.1, moment_dtype=moment_dtype, threads=3)
+    split = fa._BLOCK + 123  # inside the second staging block of the first span
+    sep_master, sep_upload, sep_state = master0.copy(), aligned_zeros(N, dtype), opt.init(N)
+    one_master, one_state = master0.copy(), opt.init(N)
+    for step in range(3):
+        grad = _rand(rng, N, dtype, scale=0.5)
+        opt.update(sep_state, sep_master, grad.copy(), sep_upload, decay_split=split, grad_scale=0.7)
+        shared = grad.copy()
+        opt.update(one_state, one_master, shared, shared, decay_split=split, grad_scale=0.7)
+        _assert_bitwise(one_master, sep_master, f"master, step {step}")
+        _assert_bitwise(one_state.mu, sep_state.mu, f"mu, step {step}")
+        _assert_bitwise(one_state.nu, sep_state.nu, f"nu, step {step}")
+        _assert_bitwise(shared, sep_upload, f"upload, step {step}")
+    assert not np.array_equal(_bits(shared), _bits(grad))  # the copy did replace the gradient
+
+
 def test_fused_equals_jitted_optax_with_schedule_and_eps_root():
     """Schedule and jitted optax (XLA fuses into FMAs): equal to float32 rounding over 12 steps."""
     rng = np.random.default_rng(1)
@@ -153,7 +177,7 @@ def test_bf16_copy_is_round_to_nearest_even_like_ml_dtypes():
     src.flags.writeable = False
     master = aligned_zeros(src.size)
     upload = aligned_zeros(src.size, BF16)
-    fa.launch(fa.store_params, 3, src, master, upload.view(np.uint16), True)
+    fa.launch(fa.store_params, 3, src, master, upload.view(np.uint16), True, True)
     _assert_bitwise(master, src, "master")
     with np.errstate(invalid="ignore"):  # numpy warns when casting NaN
         expected = src.astype(BF16)
