@@ -569,13 +569,14 @@ class SlidingEngine:
     # ----- device memory plan
 
     def plan_memory(self, micro_batch: tuple[int, int], segments: bool = False,
-                    resident_layers: int | None = None) -> dict[str, int]:
+                    resident_layers: int | None = None, compiled: bool = True) -> dict[str, int]:
         """Estimated peak device bytes for micro-batches of `micro_batch` = (rows, seq_len), with
         this engine's resident layers or `resident_layers` of them.
 
         Independent of the number of streamed layers and of the tokens per step: the window, one
         unit's fp32 gradient, the compiled backward's working set (from XLA's memory analysis),
         the head's, a few boundary activations, and the resident units' weights and state.
+        `compiled=False` leaves out the two working sets (0): a floor that compiles nothing.
         """
         cfg, fns = self.cfg, self.fns
         r = self.resident_layers if resident_layers is None else resident_layers
@@ -600,6 +601,12 @@ class SlidingEngine:
         in_window = max((sum(i <= j <= i + 1 for j in chosen) for i in range(self.L)), default=0)
         gpu_updated = in_window * cfg.layer_params * (4 + moments + 2 * cd)
 
+        plan = {"window": window, "resident": resident_bytes, "gradients": grads, "layer_backward": 0,
+                "head": 0, "boundaries": 6 * b * s * H * cd + 2 * b * s * H * 4, "gpu_updates": gpu_updated}
+        if not compiled:
+            plan["total"] = sum(plan.values())
+            return plan
+
         def working(fn, *args) -> int:
             m = fn.lower(*args).compile().memory_analysis()
             return int(getattr(m, "temp_size_in_bytes", 0)) if m is not None else 0
@@ -610,16 +617,13 @@ class SlidingEngine:
         seg = sd((b, s), jnp.int32) if segments else None
         w = sd((cfg.layer_params,), self.dtype)
         acc = sd((cfg.layer_params,), jnp.float32)
-        layer = working(fns.bwd, w, x, pos, seg, x, acc)
+        plan["layer_backward"] = working(fns.bwd, w, x, pos, seg, x, acc)
         wc = sd((chunk_params,), self.dtype)
         labels = sd((b * s,), jnp.int32)
-        stats = (sd((b * s,), jnp.float32),) * 3
-        head = working(fns.grads, x, wc, labels, sd((), jnp.int32), stats[0], sd((b, s, H), jnp.float32),
-                       sd((chunk_params,), jnp.float32))
-        boundary = 6 * b * s * H * cd + 2 * b * s * H * 4
-        plan = {"window": window, "resident": resident_bytes, "gradients": grads, "layer_backward": layer,
-                "head": head, "boundaries": boundary, "gpu_updates": gpu_updated}
-        plan["total"] = window + resident_bytes + grads + max(layer, head) + boundary + gpu_updated
+        plan["head"] = working(fns.grads, x, wc, labels, sd((), jnp.int32), sd((b * s,), jnp.float32),
+                               sd((b, s, H), jnp.float32), sd((chunk_params,), jnp.float32))
+        plan["total"] = sum(v for k, v in plan.items() if k not in ("layer_backward", "head"))
+        plan["total"] += max(plan["layer_backward"], plan["head"])
         return plan
 
     def plan_host_memory(self, micro_batch: tuple[int, int], micro_batches: int = 1) -> dict[str, int]:
@@ -676,12 +680,24 @@ class SlidingEngine:
             self._pinned_checked = shape[0]
         if self.gpu_memory is None or key in self._planned:
             return
-        plan = self.plan_memory((shape[1], shape[2]), segments)
-        if plan["total"] > self.gpu_memory:
-            parts = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in plan.items() if k != "total")
+        # The floor first: compiling for XLA's memory analysis autotunes on the device, which a
+        # budget far too small makes fail inside XLA instead of here.
+        plan = self.plan_memory((shape[1], shape[2]), segments, compiled=False)
+        floor, failure = True, ""
+        if plan["total"] <= self.gpu_memory:
+            try:
+                plan, floor = self.plan_memory((shape[1], shape[2]), segments), False
+            except jax.errors.JaxRuntimeError as exc:
+                if "RESOURCE_EXHAUSTED" not in str(exc):
+                    raise
+                failure = "; XLA ran out of it compiling the layer's backward"
+        if plan["total"] > self.gpu_memory or failure:
+            parts = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in plan.items() if k != "total" and (v or not floor))
             raise SlidejaxError(
                 f"GPU memory budget {self.gpu_memory / 1e9:.2f} GB is too small for micro-batches of "
-                f"{shape[1]}x{shape[2]} tokens: needs about {plan['total'] / 1e9:.2f} GB ({parts} GB); "
+                f"{shape[1]}x{shape[2]} tokens: needs {'more than' if floor else 'about'} "
+                f"{plan['total'] / 1e9:.2f} GB ({parts} GB{', and the compiled working sets' if floor else ''})"
+                f"{failure}; "
                 f"lower the micro-batch size or resident layers")
         self._planned.add(key)
 

@@ -204,6 +204,45 @@ def test_infeasible_budget_refused_before_allocating(monkeypatch):
         engine.step(random_batch(np.random.default_rng(), cfg.vocab_size, 1, packed=False))
 
 
+def test_budget_floor_is_checked_before_compiling_and_compile_oom_is_refused(monkeypatch):
+    """A budget below the plan's floor is refused without compiling (on a GPU, the compile for
+    XLA's memory analysis autotunes on the device and would fail inside XLA); one above the floor
+    but below the compiled plan is refused with the whole plan; an out-of-memory compile is
+    refused with the engine's message."""
+    cfg = make_cfg(False, 97)
+    host = HostModel(cfg)
+    host.load_tree(init_params(cfg, seed=int(np.random.default_rng().integers(1 << 30))))
+    compiles = []
+    real = SlidingEngine.plan_memory
+
+    def spy(self, *args, compiled=True, **kwargs):
+        compiles.append(compiled)
+        return real(self, *args, compiled=compiled, **kwargs)
+
+    monkeypatch.setattr(SlidingEngine, "plan_memory", spy)
+    with pytest.raises(SlidejaxError, match=r"needs more than .* compiled working sets"):
+        SlidingEngine(host, adamw(), compute_dtype="float32", gpu_memory="1KB", micro_batch=(2, S))
+    assert compiles == [False]
+    engine = SlidingEngine(host, adamw(), compute_dtype="float32")
+    floor = real(engine, (2, S), compiled=False)["total"]
+    full = real(engine, (2, S))
+    assert full["layer_backward"] > 0 and full["total"] > floor
+    compiles.clear()
+    with pytest.raises(SlidejaxError, match=r"needs about .*layer_backward"):
+        SlidingEngine(host, adamw(), compute_dtype="float32", gpu_memory=(floor + full["total"]) // 2,
+                      micro_batch=(2, S))
+    assert compiles == [False, True]
+
+    def oom(self, *args, compiled=True, **kwargs):
+        if compiled:
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+        return real(self, *args, compiled=False, **kwargs)
+
+    monkeypatch.setattr(SlidingEngine, "plan_memory", oom)
+    with pytest.raises(SlidejaxError, match="ran out of it compiling"):
+        SlidingEngine(host, adamw(), compute_dtype="float32", gpu_memory=full["total"] * 2, micro_batch=(2, S))
+
+
 def test_generic_optax_path():
     run_case(opt="sgd", M=2, packed=False)
 
