@@ -366,3 +366,19 @@ def test_deepspeed_baseline_tiny(tmp_path):
     result = _run_runner("bench/baselines/deepspeed_zero3.py", tmp_path, "--tiny")
     assert result["notes"].endswith("DeepSpeedCPUAdam")
     _check_training(result)
+
+
+def test_host_optimizer_bench_runs_every_method(tmp_path):
+    """bench_host_optimizer.py on a small unit: every method, including the engine's in-place
+    upload, gives a positive time; the table and JSON are written."""
+    out = tmp_path / "hostopt"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_host_optimizer.py"), "--out", str(out), "--sizes", "1M",
+         "--repeats", "2", "--warmup", "1", "--threads", "1"],
+        capture_output=True, text=True, timeout=600, env=CHILD_ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((out / "results.json").read_text())["results"]
+    methods = {r["method"] for r in rows}
+    assert {"fused", "fused_inplace", "fused_bf16m", "torch", "optax"} <= methods
+    assert all(r["median_s"] > 0 and r["params"] == 2**20 for r in rows)
+    assert "fused_inplace" in (out / "results.md").read_text()
