@@ -93,8 +93,8 @@ _TRAIN_OPTIONS: list[tuple[str, str, dict[str, Any], str]] = [
      "host RAM budget, e.g. 100GB (default: what is available); checked before loading"),
     ("system", "prefetch", dict(type=int, metavar="K"), "layers uploaded ahead of the one computing (default 2)"),
     ("system", "resident_layers", dict(type=_count_or_auto, metavar="N|auto"),
-     "decoder layers kept on the GPU with their optimizer state instead of streamed (default 0; "
-     "auto: as many as --gpu-memory, or the GPU, fits)"),
+     "decoder layers kept on the GPU with their optimizer state instead of streamed (default auto: "
+     "as many as --gpu-memory, or the GPU, fits; none on a CPU without --gpu-memory)"),
     ("system", "devices", dict(type=int, metavar="N"),
      "local accelerators for data parallelism (per process); micro-batch rows are split across them (default 1)"),
     ("system", "trace", dict(metavar="FILE"), "write a Chrome/Perfetto trace of the engine's timeline to FILE"),

@@ -91,7 +91,8 @@ class TrainConfig:
     System
       compute_dtype (auto = bfloat16 on a GPU, float32 on CPU), gpu_memory / host_memory (budgets
       like "24GB"; the run is refused up front when it cannot fit), prefetch (layers uploaded
-      ahead), resident_layers (layers kept on the GPU; "auto": as many as gpu_memory fits), devices (local accelerators for data
+      ahead), resident_layers (layers kept on the GPU; "auto", the default: as many as gpu_memory, or the
+      GPU, fits; none on a CPU without gpu_memory), devices (local accelerators for data
       parallelism, per process: each micro-batch's rows are split across them, and across the
       processes of a `slidejax.distributed` run), trace (write a Chrome trace to this file;
       process 0's timeline).
@@ -131,7 +132,7 @@ class TrainConfig:
     gpu_memory: str | None = None
     host_memory: str | None = None
     prefetch: int = 2
-    resident_layers: int | str = 0
+    resident_layers: int | str = "auto"
     devices: int = 1
     trace: str | None = None
 
@@ -274,6 +275,12 @@ def _coerce(name: str, value: Any, typ: Any, where: str) -> Any:
     base = next((a for a in args if a is not type(None)), typ) if args else typ
     origin = typing.get_origin(base)
     bad = SlidejaxError(f"{where}: setting {name!r} must be {_type_name(base)}, got {value!r}")
+    if base is int and str in args:  # a count or "auto" (resident_layers)
+        if isinstance(value, str) and (value == "auto" or value.isdigit()):
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise SlidejaxError(f"{where}: setting {name!r} must be an integer or 'auto', got {value!r}")
+        return int(value)
     if origin is list:
         if isinstance(value, (str, os.PathLike)):
             value = [value]

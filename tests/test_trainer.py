@@ -69,6 +69,7 @@ def rel_err(a, b) -> float:
 def test_config_precedence_defaults_preset_toml_flags(tmp_path):
     plain = TrainConfig()
     assert plain.lr == 2e-5 and plain.seq_len == 2048 and plain.steps is None
+    assert plain.resident_layers == "auto"
     preset = TrainConfig.load(model="tiny")
     assert (preset.lr, preset.seq_len, preset.steps, preset.micro_batches) == (2e-3, 128, 64, 2)
     toml = tmp_path / "run.toml"
@@ -86,9 +87,23 @@ def test_config_precedence_defaults_preset_toml_flags(tmp_path):
         TrainConfig.from_dict({"steps": 3, "epochs": 1})
 
 
+@pytest.mark.parametrize("value, expected", [("'auto'", "auto"), ("3", 3), ("'2'", 2)])
+def test_resident_layers_from_toml(tmp_path, value, expected):
+    """A count or "auto" in a TOML file (as a run's saved config.toml holds it) reads back."""
+    path = tmp_path / "run.toml"
+    path.write_text(f"resident_layers = {value}\n")
+    c = TrainConfig.load(path)
+    assert c.resident_layers == expected
+    again = tmp_path / "again.toml"
+    again.write_text(c.to_toml())
+    assert TrainConfig.load(again).resident_layers == expected
+
+
 @pytest.mark.parametrize("text, message", [
     ("learning_rate = 1e-3\n", "unknown setting 'learning_rate'"),
     ("steps = 'ten'\n", "setting 'steps' must be an integer"),
+    ("resident_layers = 'most'\n", "setting 'resident_layers' must be an integer or 'auto'"),
+    ("resident_layers = 1.5\n", "setting 'resident_layers' must be an integer or 'auto'"),
     ("lr = 1e-3\n[optimizer]\nb1 = 0.8\n", "tables ([optimizer]) are not used"),
     ("lr = \n", "invalid TOML"),
 ])
