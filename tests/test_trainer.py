@@ -475,3 +475,20 @@ def test_fit_checkpoint_and_resume_on_gpu_in_bf16(tmp_path):
         other = resumed.model.host.units[name].master
         diff = float(np.max(np.abs(unit.master - other)))
         assert diff == 0.0, f"{name}: resumed run differs by {diff} (non-deterministic GPU ops?)"
+
+
+def test_default_resident_layers_fill_a_gpu_budget_and_train_alike(tmp_path):
+    """resident_layers' default ("auto") keeps layers on the device when a budget is given (none
+    on a CPU without one); the two runs train to the same losses up to float rounding (resident
+    layers are updated by jitted optax, streamed ones by the host AdamW)."""
+    data = write_jsonl(tmp_path / "d.jsonl", sort_rows(np.random.default_rng(11), 60))
+    runs = {}
+    for name, budget in (("budget", "2GB"), ("none", None)):
+        trainer = Trainer(tiny_model(), config=small(steps=3, gpu_memory=budget, data=[str(data)], shuffle=False,
+                                                     output_dir=str(tmp_path), run_name=name))
+        trainer.fit()
+        trainer.close()
+        runs[name] = (trainer.engine.resident_layers, [r["loss"] for r in trainer.history if r["kind"] == "train"])
+    assert runs["budget"][0] > 0 and runs["none"][0] == 0
+    np.testing.assert_allclose(runs["budget"][1], runs["none"][1], rtol=1e-4)
+    assert runs["budget"][1][-1] != runs["budget"][1][0]
