@@ -62,14 +62,17 @@ def fill(a: np.ndarray, seed: int, scale: float) -> None:
         flat[lo:hi] = block[: hi - lo]
 
 
-def timed(step, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        step()
+def timed(step, warmup: int, repeats: int, before=None) -> list[float]:
+    """Seconds of each of `repeats` calls of `step` after `warmup` untimed ones; `before`, if
+    given, runs ahead of every call, untimed."""
     times = []
-    for _ in range(repeats):
+    for i in range(warmup + repeats):
+        if before is not None:
+            before()
         t0 = time.perf_counter()
         step()
-        times.append(time.perf_counter() - t0)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
     return times
 
 
@@ -85,16 +88,10 @@ def run_fused(n: int, threads: int, moment_dtype, warmup: int, repeats: int, inp
     fill(master, 0, 1.0)
     fill(grad, 1, 1e-2)
     state = opt.init(n)
-    if inplace:  # the gradient changes every step (it becomes the weights' bf16 copy): refill it, untimed
-
-        def step():
-            fill(grad, 1, 1e-2)
-            t0 = time.perf_counter()
-            opt.update(state, master, grad, upload, decay_split=n, grad_scale=0.5)
-            return time.perf_counter() - t0
-
-        return [step() for _ in range(warmup + repeats)][warmup:]
-    return timed(lambda: opt.update(state, master, grad, upload, decay_split=n, grad_scale=0.5), warmup, repeats)
+    # In place, each update turns the gradient into the weights' bf16 copy: refill it, untimed.
+    refill = (lambda: fill(grad, 1, 1e-2)) if inplace else None
+    return timed(lambda: opt.update(state, master, grad, upload, decay_split=n, grad_scale=0.5), warmup, repeats,
+                 before=refill)
 
 
 def run_torch(n: int, threads: int | None, warmup: int, repeats: int) -> list[float]:

@@ -603,25 +603,24 @@ class SlidingEngine:
 
         plan = {"window": window, "resident": resident_bytes, "gradients": grads, "layer_backward": 0,
                 "head": 0, "boundaries": 6 * b * s * H * cd + 2 * b * s * H * 4, "gpu_updates": gpu_updated}
-        if not compiled:
-            plan["total"] = sum(plan.values())
-            return plan
+        if compiled:
 
-        def working(fn, *args) -> int:
-            m = fn.lower(*args).compile().memory_analysis()
-            return int(getattr(m, "temp_size_in_bytes", 0)) if m is not None else 0
+            def working(fn, *args) -> int:
+                m = fn.lower(*args).compile().memory_analysis()
+                return int(getattr(m, "temp_size_in_bytes", 0)) if m is not None else 0
 
-        sd = jax.ShapeDtypeStruct
-        x = sd((b, s, H), self.dtype)
-        pos = sd((b, s), jnp.int32)
-        seg = sd((b, s), jnp.int32) if segments else None
-        w = sd((cfg.layer_params,), self.dtype)
-        acc = sd((cfg.layer_params,), jnp.float32)
-        plan["layer_backward"] = working(fns.bwd, w, x, pos, seg, x, acc)
-        wc = sd((chunk_params,), self.dtype)
-        labels = sd((b * s,), jnp.int32)
-        plan["head"] = working(fns.grads, x, wc, labels, sd((), jnp.int32), sd((b * s,), jnp.float32),
-                               sd((b, s, H), jnp.float32), sd((chunk_params,), jnp.float32))
+            sd = jax.ShapeDtypeStruct
+            x = sd((b, s, H), self.dtype)
+            pos = sd((b, s), jnp.int32)
+            seg = sd((b, s), jnp.int32) if segments else None
+            w = sd((cfg.layer_params,), self.dtype)
+            acc = sd((cfg.layer_params,), jnp.float32)
+            plan["layer_backward"] = working(fns.bwd, w, x, pos, seg, x, acc)
+            wc = sd((chunk_params,), self.dtype)
+            labels = sd((b * s,), jnp.int32)
+            plan["head"] = working(fns.grads, x, wc, labels, sd((), jnp.int32), sd((b * s,), jnp.float32),
+                                   sd((b, s, H), jnp.float32), sd((chunk_params,), jnp.float32))
+        # The layer backward and the head never run at once: the larger of the two counts.
         plan["total"] = sum(v for k, v in plan.items() if k not in ("layer_backward", "head"))
         plan["total"] += max(plan["layer_backward"], plan["head"])
         return plan
