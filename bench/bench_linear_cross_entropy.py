@@ -213,7 +213,20 @@ def run_case(tokens: int, vocab: int, hidden: int, impl: str, repeats: int, warm
 
     before = stats()
     t0 = time.perf_counter()
-    loss, count, dh, dw = jax.block_until_ready(compiled(*args))
+    try:
+        loss, count, dh, dw = jax.block_until_ready(compiled(*args))
+    except Exception as exc:  # noqa: BLE001  (XlaRuntimeError's module moves between versions)
+        if ballast is None or "RESOURCE_EXHAUSTED" not in str(exc):
+            raise
+        # The ballast's rows leave no contiguous room for the call's largest buffer (measured:
+        # the naive loss's 47 GiB at 64K tokens): measure without it, an upper bound if the
+        # compile-time peak was higher than the call's.
+        del ballast
+        ballast, out["ballast_bytes"], out["ballast_short"] = None, 0, True
+        out["ballast_dropped"] = True
+        before = stats()
+        t0 = time.perf_counter()
+        loss, count, dh, dw = jax.block_until_ready(compiled(*args))
     out["first_call_s"] = time.perf_counter() - t0
     after = stats()
     if "peak_bytes_in_use" in after:

@@ -285,10 +285,12 @@ def fused_loss(
                            z_loss=z_loss)
 
 
-def _after(x: jax.Array, dep: jax.Array) -> jax.Array:
-    """``x`` unchanged, but computed after ``dep``: ``x + 0 * dep[0, 0]`` (XLA does not fold a
-    float times zero, which is NaN for an infinite or NaN operand)."""
-    return x + (dep[0, 0].astype(jnp.float32) * 0.0).astype(x.dtype)
+def _after(x: jax.Array, *deps: jax.Array) -> jax.Array:
+    """``x`` unchanged, but computed after every one of ``deps``: ``x + 0 * dep.flat[0]`` each
+    (XLA does not fold a float times zero, which is NaN for an infinite or NaN operand)."""
+    for dep in deps:
+        x = x + (dep.reshape(-1)[0].astype(jnp.float32) * 0.0).astype(x.dtype)
+    return x
 
 
 def _halves(rows: int) -> list[tuple[int, int]]:
@@ -337,10 +339,12 @@ def fused_accumulate(
         for r0, rows in _halves(size):
             h_r, y_r = _rows(h, start + r0, rows), _rows(labels, start + r0, rows)
             if r0:
-                # The second logits block waits for the first one's gradient, so the two fp32
-                # blocks are never alive together (XLA drops optimization barriers before it
-                # schedules; a data dependence it must keep).
-                h_r = _after(h_r, g)
+                # The second logits block waits for everything read from the first (its gradient
+                # rows and its label logits, through the loss), so the two fp32 blocks are never
+                # alive together: XLA drops optimization barriers before it schedules, a data
+                # dependence it must keep. Measured on the H200: with the gradient alone, XLA
+                # gathered the first block's label logits late and kept both blocks.
+                h_r = _after(h_r, g, loss)
             # Ignored rows get scale 0, which zeroes their gradient row (one-hot term included).
             scale = (y_r != ignore_index).astype(jnp.float32)
             logits = _block_logits(h_r, w)
