@@ -91,6 +91,8 @@ def test_ballast_lifts_bytes_in_use_to_the_compile_peak():
     assert rows * row == 5.5 * gib and short
     rows, short = bench.ballast_rows(dict(s, peak_bytes_in_use=10 * gib), need=gib)
     assert rows == 0 and not short  # nothing to lift
+    rows, short = bench.ballast_rows(s, need=7 * gib + 3)
+    assert rows == 0 and not short  # the call itself tops the compile peak
 
     # The call's peak above the ballast: exact; no new peak: only an upper bound.
     before = dict(bytes_in_use=17 * gib, peak_bytes_in_use=17 * gib)
