@@ -18,6 +18,10 @@ One flat fp32 unit of each size is updated in place, side by side in one run:
 * ``optax``: :class:`slidejax.host_optimizer.HostOptax` around ``optax.adamw``: XLA:CPU (its own
   thread pool, all cores) on zero-copy views of the buffers, then a threaded write-back of master
   and the bf16 copy.
+* ``stream``: not an optimizer but the ceiling of ``fused_inplace``: the same arrays, layout,
+  threads and scheduling, the same 26 B/param, with a multiply-add per array instead of AdamW's
+  three divisions and square root. ``fused_inplace`` near ``stream`` means the update is bound by
+  host memory bandwidth; well below it, by arithmetic (worth a faster kernel).
 
 Every method runs ``--warmup`` untimed updates (compilation, first touch of the pages), then
 ``--repeats`` timed ones; the median is reported as Gparam/s and, from the bytes each must move,
@@ -43,7 +47,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 LR, WD = 1e-3, 0.01
-BYTES_PER_PARAM = {"fused": 28, "fused_inplace": 26, "fused_bf16m": 20, "torch": 28, "torch_all": 28, "optax": None}
+BYTES_PER_PARAM = {"fused": 28, "fused_inplace": 26, "fused_bf16m": 20, "torch": 28, "torch_all": 28, "optax": None,
+                   "stream": 26}
 
 
 def parse_size(text: str) -> int:
@@ -94,6 +99,61 @@ def run_fused(n: int, threads: int, moment_dtype, warmup: int, repeats: int, inp
                  before=refill)
 
 
+def _stream_kernel():
+    """The numba kernel of ``stream`` (built on first use: numba compiles it)."""
+    from numba import njit, prange
+
+    from slidejax.fused_adamw import _BLOCK, _OPTS, _rne_like, _to_f32
+
+    @njit(parallel=True, **_OPTS)
+    def stream(nchunks, master, m, v, grad, hp):
+        # adamw_spans' memory pattern (gradient staged per block, copy written over it), with
+        # AdamW's divisions and square root replaced by multiply-adds.
+        c1, b1, c2, b2, neg_lr, scale = hp
+        n = master.shape[0]
+        for t in prange(nchunks):
+            lo = n * t // nchunks
+            hi = n * (t + 1) // nchunks
+            p_, m_, v_, g_ = master[lo:hi], m[lo:hi], v[lo:hi], grad[lo:hi]
+            gl = np.empty(_BLOCK, np.float32)
+            for b0 in range(0, hi - lo, _BLOCK):
+                kb = min(_BLOCK, hi - lo - b0)
+                gb = g_[b0 : b0 + kb]
+                for j in range(kb):
+                    gl[j] = _to_f32(gb[j]) * scale
+                pb, mb, vb = p_[b0 : b0 + kb], m_[b0 : b0 + kb], v_[b0 : b0 + kb]
+                for j in range(kb):
+                    g = gl[j]
+                    mu = c1 * g + b1 * mb[j]
+                    nu = c2 * (g * g) + b2 * vb[j]
+                    p = pb[j] + neg_lr * (mu + nu)
+                    pb[j] = p
+                    mb[j] = mu
+                    vb[j] = nu
+                    gb[j] = _rne_like(p, gb)
+
+    return stream
+
+
+def run_stream(n: int, threads: int, warmup: int, repeats: int) -> list[float]:
+    import ml_dtypes
+    import numba
+
+    from slidejax import fused_adamw as fa
+    from slidejax.host_optimizer import aligned_zeros
+
+    kernel = _stream_kernel()
+    master, m, v = aligned_zeros(n), aligned_zeros(n), aligned_zeros(n)
+    grad = aligned_zeros(n, ml_dtypes.bfloat16)
+    fill(master, 0, 1.0)
+    gbits = grad.view(np.uint16)
+    hp = tuple(np.float32(x) for x in (0.1, 0.9, 0.001, 0.999, -LR, 0.5))
+    nchunks = threads * fa.CHUNKS_PER_THREAD  # adamw_spans' dynamic chunks, as `launch` sets them
+    numba.set_num_threads(threads)
+    return timed(lambda: kernel(nchunks, master, m, v, gbits, hp), warmup, repeats,
+                 before=lambda: fill(grad, 1, 1e-2))
+
+
 def run_torch(n: int, threads: int | None, warmup: int, repeats: int) -> list[float]:
     import torch
 
@@ -138,9 +198,17 @@ def machine() -> dict:
                 break
     except OSError:
         pass
+    try:  # hyper-threads share a core's arithmetic units: 16 CPUs may be 8 cores
+        siblings = Path("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list").read_text()
+        threads_per_core = sum(
+            int(b) - int(a) + 1 if "-" in part else 1
+            for part in siblings.strip().split(",") for a, _, b in [part.partition("-")])
+    except (OSError, ValueError):
+        threads_per_core = None
     return {
         "cpu": model,
         "cpu_count": os.cpu_count(),
+        "threads_per_core": threads_per_core,
         "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "numba": numba.__version__,
         "numba_threading_layer": numba.threading_layer(),
@@ -155,6 +223,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="threads (default: CPUs - 1)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated subset of fused,fused_inplace,fused_bf16m,torch,optax,stream "
+                             "(default: all, and torch_all when torch's thread count differs)")
     args = parser.parse_args()
 
     from slidejax.host_optimizer import default_threads
@@ -170,9 +241,17 @@ def main() -> None:
         "fused_bf16m": lambda n: run_fused(n, threads, ml_dtypes.bfloat16, args.warmup, args.repeats),
         "torch": lambda n: run_torch(n, threads, args.warmup, args.repeats),
         "optax": lambda n: run_optax(n, threads, args.warmup, args.repeats),
+        "stream": lambda n: run_stream(n, threads, args.warmup, args.repeats),
     }
-    if torch.get_num_threads() != threads:
-        methods["torch_all"] = lambda n: run_torch(n, None, args.warmup, args.repeats)
+    if args.methods is None:
+        if torch.get_num_threads() != threads:
+            methods["torch_all"] = lambda n: run_torch(n, None, args.warmup, args.repeats)
+    else:
+        chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = sorted(set(chosen) - set(methods))
+        if unknown:
+            parser.error(f"--methods: unknown {', '.join(unknown)} (from {', '.join(methods)})")
+        methods = {m: methods[m] for m in chosen}
 
     results = []
     for n in sizes:
@@ -204,6 +283,7 @@ def main() -> None:
             "fused/torch_all": ratio(n, "fused", "torch_all"),
             "fused/optax": ratio(n, "fused", "optax"),
             "fused_bf16m/optax": ratio(n, "fused_bf16m", "optax"),
+            "fused_inplace/stream": ratio(n, "fused_inplace", "stream"),
         }
         for n in sizes
     }

@@ -379,6 +379,22 @@ def test_host_optimizer_bench_runs_every_method(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((out / "results.json").read_text())["results"]
     methods = {r["method"] for r in rows}
-    assert {"fused", "fused_inplace", "fused_bf16m", "torch", "optax"} <= methods
+    assert {"fused", "fused_inplace", "fused_bf16m", "torch", "optax", "stream"} <= methods
     assert all(r["median_s"] > 0 and r["params"] == 2**20 for r in rows)
     assert "fused_inplace" in (out / "results.md").read_text()
+    info = json.loads((out / "results.json").read_text())
+    assert info["machine"]["threads_per_core"] >= 1
+    assert info["summary"][str(2**20)]["fused_inplace/stream"] > 0
+
+    # --methods picks a subset, in its order; an unknown name is refused before anything runs.
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_host_optimizer.py"), "--out", str(out), "--sizes", "64K",
+         "--repeats", "1", "--warmup", "0", "--threads", "1", "--methods", "stream,fused_inplace"],
+        capture_output=True, text=True, timeout=600, env=CHILD_ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [r["method"] for r in json.loads((out / "results.json").read_text())["results"]] == \
+        ["stream", "fused_inplace"]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_host_optimizer.py"), "--out", str(out), "--methods", "adam"],
+        capture_output=True, text=True, timeout=600, env=CHILD_ENV)
+    assert proc.returncode == 2 and "unknown adam" in proc.stderr
