@@ -209,16 +209,22 @@ def _join_processes(args: argparse.Namespace) -> bool:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from slidejax.engine import limit_device_memory
+    from slidejax.trainer import TrainConfig
+
+    overrides = _overrides(args)
+    config = TrainConfig.load(args.config, **overrides)
+    # Before jax's backend starts (joining the processes starts it): the budget of the TOML file
+    # or the flags caps XLA's allocator. A resumed run's saved budget is planned for, not capped.
+    limit_device_memory(config.gpu_memory)
     main = _join_processes(args)
     from slidejax.config import ModelConfig
     from slidejax.metrics import format_bytes
     from slidejax.presets import PRESETS
-    from slidejax.trainer import (TrainConfig, Trainer, broadcast_text, check_host_memory, check_run_dir,
+    from slidejax.trainer import (Trainer, broadcast_text, check_host_memory, check_run_dir,
                                   data_paths, default_run_name, latest_run, load_tokenizer, make_loader,
                                   on_main_process, restore_setup, run_together)
 
-    overrides = _overrides(args)
-    config = TrainConfig.load(args.config, **overrides)
     if config.resume is not None:  # from --resume or the TOML file
         resume = config.resume
         if resume == "latest":

@@ -35,7 +35,9 @@ import dataclasses
 import functools
 import itertools
 import json
+import os
 import queue
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -427,6 +429,40 @@ def parse_bytes(value: int | str | None) -> int | None:
         return int(text)
     except ValueError:
         raise SlidejaxError(f"cannot read memory size {value!r} (use e.g. 24GB or 512MiB)") from None
+
+
+def gpu_total_bytes() -> int | None:
+    """GPU 0's memory size from `nvidia-smi`, without starting jax's backend (None: none found)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits",
+                              "-i", "0"], capture_output=True, text=True, timeout=30, check=True).stdout
+        return int(out.split()[0]) * 2**20  # MiB
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def limit_device_memory(budget: int | str | None, total: int | None = None) -> dict[str, str]:
+    """Make XLA's GPU allocator keep to a device memory budget. Call before jax's backend starts
+    (`slidejax train` does); variables already in the environment are kept.
+
+    By default XLA reserves 75% of each GPU when it starts, whatever the engine plans, so a budget
+    would bound the engine's working set but not the process. With a budget this turns
+    preallocation off (`XLA_PYTHON_CLIENT_PREALLOCATE=false`: memory is taken as the plan needs it)
+    and, when the GPU's size is known (`total`, default `gpu_total_bytes()`), caps the allocator
+    at the budget (`XLA_PYTHON_CLIENT_MEM_FRACTION`), as `bench/bench_engine.py` runs. The CUDA
+    runtime's own memory (context, cuBLAS and cuDNN workspaces) comes on top: ~3 GB on the H200
+    (NVML 26.9 GB with a 24 GB cap). Returns the variables it set.
+    """
+    limit = parse_bytes(budget)
+    if limit is None:
+        return {}
+    want = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    total = gpu_total_bytes() if total is None else total
+    if total:
+        want["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{min(0.95, limit / total):.4f}"
+    done = {k: v for k, v in want.items() if k not in os.environ}
+    os.environ.update(done)
+    return done
 
 
 def _has_pinned_pool(device: jax.Device) -> bool:

@@ -231,3 +231,25 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, capsys, run
 def test_info_on_a_run(capsys, run_dir):
     rc, out, _ = run_main(capsys, "info", str(run_dir))
     assert rc == 0 and "checkpoints  1 (latest 1)" in out and "last step    1: loss" in out
+
+
+def test_train_caps_xla_allocator_before_jax_starts(tmp_path, capsys, monkeypatch):
+    """The budget (flag or TOML) reaches `limit_device_memory` before anything starts jax's
+    backend (joining the processes does); without one it is called with None."""
+    from slidejax import engine as engine_mod
+
+    calls = []
+    monkeypatch.setattr(engine_mod, "limit_device_memory", lambda budget: calls.append(("limit", budget)))
+
+    def stop(args):
+        calls.append(("join",))
+        raise slidejax.SlidejaxError("stopped here")
+
+    monkeypatch.setattr(cli, "_join_processes", stop)
+    rc, _, err = run_main(capsys, "train", "--gpu-memory", "24GB", *SMALL)
+    assert rc == 1 and "stopped here" in err
+    toml = tmp_path / "run.toml"
+    toml.write_text('gpu_memory = "10GiB"\n')
+    run_main(capsys, "train", "--config", str(toml), *SMALL)
+    run_main(capsys, "train", *SMALL)
+    assert calls == [("limit", "24GB"), ("join",), ("limit", "10GiB"), ("join",), ("limit", None), ("join",)]

@@ -384,3 +384,54 @@ def test_host_worker_runs_the_most_urgent_ready_task_and_keeps_step_order(landed
     # A gradient still in flight does not hold up ready work; a landed one goes first; the next
     # step's work always waits for this step's.
     assert order == (["urgent", "lazy", "next step"] if landed else ["lazy", "urgent", "next step"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The device memory budget in XLA's allocator
+
+
+XLA_ALLOCATOR_VARS = ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+
+
+def test_limit_device_memory_caps_xla_allocator_and_keeps_user_settings(monkeypatch):
+    from slidejax import engine as engine_mod
+
+    for var in XLA_ALLOCATOR_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert engine_mod.limit_device_memory(None) == {} and engine_mod.limit_device_memory("unlimited") == {}
+    assert not any(v in __import__("os").environ for v in XLA_ALLOCATOR_VARS)
+
+    got = engine_mod.limit_device_memory("24GB", total=141 * 10**9)
+    assert got == {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.1702"}
+    import os
+    assert {v: os.environ[v] for v in XLA_ALLOCATOR_VARS} == got
+
+    # What the user set stays; a budget above the GPU is capped at XLA's 0.95.
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE")
+    assert engine_mod.limit_device_memory(200 * 10**9, total=141 * 10**9) == {
+        "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.5"
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE")
+    assert engine_mod.limit_device_memory(200 * 10**9, total=141 * 10**9)[
+        "XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.9500"
+
+    # GPU size unknown: no preallocation, no cap.
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE")
+    monkeypatch.setattr(engine_mod, "gpu_total_bytes", lambda: None)
+    assert engine_mod.limit_device_memory("24GB") == {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+
+
+def test_gpu_total_bytes_reads_nvidia_smi(tmp_path, monkeypatch):
+    from slidejax.engine import gpu_total_bytes
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi
+    assert gpu_total_bytes() is None
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 143771\necho 143771\n")
+    fake.chmod(0o755)
+    assert gpu_total_bytes() == 143771 * 2**20
+    fake.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    assert gpu_total_bytes() is None
