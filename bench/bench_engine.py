@@ -30,6 +30,9 @@ def parse_args():
                    help="decoder layers kept on the GPU, or auto (as many as the budget fits)")
     p.add_argument("--gpu-update-layers", type=int, default=0,
                    help="streamed layers whose AdamW runs on the GPU, state crossing PCIe (engine's gpu_update_layers)")
+    p.add_argument("--speculate", type=int, default=0,
+                   help="units updated speculatively during the backward, committed when clipping changes "
+                        "nothing (engine's speculative_units)")
     p.add_argument("--host-threads", type=int, default=None, help="host optimizer threads (default: cores - 1)")
     p.add_argument("--devices", type=int, default=1,
                    help="local GPUs for data parallelism (micro-batch rows split across them; "
@@ -61,7 +64,7 @@ def main() -> None:
 
     from slidejax.config import ModelConfig
     from slidejax.engine import SlidingEngine
-    from slidejax.host_memory import HostModel, plan_host_memory, size_pinned_pool
+    from slidejax.host_memory import HostModel, plan_host_memory, size_pinned_pool, vocab_chunks
     from slidejax.host_optimizer import HostAdamW
 
     shape = common.model_shape(args)
@@ -77,9 +80,12 @@ def main() -> None:
         # Before the backend starts (it reads the cap once). "auto" resident layers are decided
         # after it: planned with none, an upper bound.
         planned_resident = 0 if args.resident_layers == "auto" else int(args.resident_layers)
+        # Speculative units: the head's chunks first, then layers (an upper bound: as if none resident).
+        candidates = [(b - a) * cfg.hidden_size for a, b in vocab_chunks(cfg)] + [cfg.layer_params] * cfg.num_layers
         pinned_pool = size_pinned_pool(plan_host_memory(
             cfg, (rows, args.seq_len), micro, resident_layers=planned_resident,
-            gpu_update_layers=args.gpu_update_layers, moment_dtype=args.moments)["pinned"])
+            gpu_update_layers=args.gpu_update_layers, moment_dtype=args.moments,
+            speculated_params=sum(candidates[: args.speculate]) if args.clip > 0 else 0)["pinned"])
     if args.devices > len(jax.local_devices()):
         raise SystemExit(f"--devices {args.devices}: only {len(jax.local_devices())} local devices")
     rss = {}
@@ -107,7 +113,7 @@ def main() -> None:
                                resident_layers=args.layers if args.resident else resident,
                                max_grad_norm=args.clip, gpu_memory=budget, trace=args.trace is not None,
                                micro_batch=(rows, args.seq_len), devices=jax.local_devices()[: args.devices],
-                               gpu_update_layers=args.gpu_update_layers)
+                               gpu_update_layers=args.gpu_update_layers, speculative_units=args.speculate)
         setup_s = time.perf_counter() - t0
         rss["engine"] = common.vm_rss_bytes()
 
@@ -119,7 +125,7 @@ def main() -> None:
                     "segment_ids": np.ones((micro, rows, seq), np.int32)}
 
         batches = [batch() for _ in range(3)]
-        losses = []
+        losses, grad_norms = [], []
         state = {"i": 0}
 
         def step():
@@ -127,6 +133,7 @@ def main() -> None:
             nxt = batches[(state["i"] + 1) % 3]["input_ids"]
             m = engine.step(b, next_input_ids=nxt)
             losses.append(m.loss)
+            grad_norms.append(m.grad_norm)  # against --clip: whether clipping (and so a redo) happened
             state["i"] += 1
 
         def sync():
@@ -164,6 +171,8 @@ def main() -> None:
              + (" (auto)" if args.resident_layers == "auto" and not args.resident else "")
              + (f", host threads {opt.threads}" if args.host_threads else "")
              + (f", GPU-updated layers {sorted(engine.gpu_updated)}" if engine.gpu_updated else "")
+             + (f", speculative units {list(engine._spec)} (unit updates committed "
+                f"{engine.speculation['committed']}, redone {engine.speculation['redone']})" if engine._spec else "")
              + (f", {args.devices} devices" if args.devices > 1 else ""))
     if pinned_pool is not None:
         notes += f", pinned pool capped at {pinned_pool >> 30} GiB"
@@ -173,7 +182,7 @@ def main() -> None:
     # warm-up steps; against the plan (pinned = what XLA's pinned pool must hold).
     result = common.make_result(system=name, shape=shape, layers=args.layers, seq_len=seq,
                                 tokens_per_step=args.tokens_per_step, step_times=times, peaks=peaks,
-                                notes=notes, losses=losses, setup_s=setup_s, planned_gpu_bytes=plan.get("total", 0),
+                                notes=notes, losses=losses, grad_norms=grad_norms, setup_s=setup_s, planned_gpu_bytes=plan.get("total", 0),
                                 hidden=hidden, host_rss_phases=rss, planned_host_bytes=host_plan)
     common.write_result(args.out, result)
     common.print_result(result)

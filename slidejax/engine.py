@@ -56,7 +56,7 @@ from slidejax.errors import SlidejaxError
 from slidejax.host_memory import (PINNED_POOL_ENV, FlatLayout, HostModel, PinnedBuffer, Unit, host_memory_kind,
                                   host_view, memory_sharding, numpy_dtype, pinned_pool_bytes, pinned_pool_gb,
                                   plan_host_memory)
-from slidejax.host_optimizer import store_compute_copy
+from slidejax.host_optimizer import aligned_zeros, store_compute_copy
 from slidejax.model import LayerFn, rms_norm
 
 IGNORE = -100
@@ -235,6 +235,17 @@ class _PendingUpdate:
     master: jax.Array
     opt: Any
     grad: jax.Array
+
+
+@dataclasses.dataclass(eq=False)
+class _Speculation:
+    """A unit's second set of host buffers for its speculative update (`speculative_units`)."""
+
+    master: np.ndarray
+    state: Any
+    upload: PinnedBuffer | None
+    retired: PinnedBuffer | None = None  # the step's copy in use: the spare after a commit
+    scale: float | None = None  # the gradient scale the speculation assumed
 
 
 class _Acts:
@@ -491,6 +502,15 @@ class SlidingEngine:
         state crosses PCIe both ways (12 B/param each way for AdamW) while the host updates the
         other layers, so with clipping the updates between two backwards take less time. Their
         update runs where the next forward first needs the layer (or at `sync`).
+      speculative_units: with clipping, this many host-updated units, those whose gradients
+        complete first in the backward (the head's vocabulary chunks when untied, then the last
+        streamed layers), are also updated while the backward runs, as if the step's clipping
+        changed nothing, into a second set of host buffers. When the global norm turns out within
+        `max_grad_norm` the step commits them by swapping buffers (their updates leave the
+        critical path between two backwards); otherwise they are discarded and updated as usual.
+        Exact either way (the same bits). Costs, per parameter of those units, a second fp32
+        master and moments in host memory and a second compute-dtype copy in pinned memory.
+        Needs an optimizer with `update(into=)` (`HostAdamW`) and one process.
       micro_batch: (rows, seq_len) of the micro-batches, when known up front: needed for
         resident_layers="auto", and with it an infeasible `gpu_memory` is refused here, before
         anything is allocated (otherwise at the first step).
@@ -516,7 +536,8 @@ class SlidingEngine:
                  device: jax.Device | None = None, loss_impl: str = "auto",
                  attention_impl: str | None = None, trace: bool = False,
                  gpu_memory: int | str | None = None, devices: Any = None,
-                 micro_batch: tuple[int, int] | None = None, gpu_update_layers: int = 0):
+                 micro_batch: tuple[int, int] | None = None, gpu_update_layers: int = 0,
+                 speculative_units: int = 0):
         if prefetch < 1:
             raise SlidejaxError(f"prefetch must be >= 1, got {prefetch}")
         cfg = host.cfg
@@ -595,6 +616,9 @@ class SlidingEngine:
             if optimizer is not None:  # None: an inference-only engine
                 self.opt_state[name] = optimizer.init(unit.master.reshape(self._shape(unit)), tree_of=self._tree_of(unit))
         self._copied = frozenset(self.upload_buf)  # the units that have an upload copy
+        self._spec = {name: self._new_speculation(name) for name in self._speculated_units(speculative_units)}
+        self._speculated: set[str] = set()  # this step's speculative updates
+        self.speculation = {"committed": 0, "redone": 0}  # unit updates, over the engine's life
         self._inflight: collections.deque = collections.deque()
         self._staging: list[list[PinnedBuffer]] = []  # [micro-batch][device]
         self._staging_guard: Any = None  # the last computation that read the staging buffers
@@ -667,7 +691,8 @@ class SlidingEngine:
         return plan_host_memory(self.cfg, micro_batch, micro_batches, compute_dtype=self.dtype,
                                 moment_dtype=getattr(self.opt, "moment_dtype", np.float32),
                                 resident_layers=self.resident_layers, prefetch=self.prefetch,
-                                gpu_update_layers=len(self.gpu_updated))
+                                gpu_update_layers=len(self.gpu_updated),
+                                speculated_params=sum(self.host.units[n].master.size for n in getattr(self, "_spec", ())))
 
     def _check_pinned_pool(self, shape: tuple[int, ...]) -> None:
         """On a GPU, refuse a step whose pinned host memory would overflow XLA's pinned pool
@@ -908,6 +933,8 @@ class SlidingEngine:
         self._resident_updates: list[tuple[str, Any]] = []
         # Without clipping the update scale is known now and updates start as gradients arrive.
         self._scale = None if self.max_grad_norm > 0 else 1.0 / n_tokens
+        self._unclipped = 1.0 / n_tokens  # the scale when clipping changes nothing
+        self._speculated = set()
 
         dev = self._step_inputs(ids, labels, pos, seg, masked)
         x_last, ckpt = self._forward(ids, dev, train=True)
@@ -1268,10 +1295,12 @@ class SlidingEngine:
         # The unit's upload copy is dead until its update: released now, and the update writes
         # the next copy into the gradient's buffer (see `_submit`), so the host never holds both
         # a copy and a gradient of every unit (2 bytes per parameter less at the step's end).
-        self.upload_buf.pop(name, None)
+        retired = self.upload_buf.pop(name, None)
         if self._scale is not None:
             self._submit(name, host_grad, self._scale)
         else:
+            if name in self._spec:
+                self._speculate(name, host_grad, retired)
             self._pending.append((name, host_grad))
 
     def _update_resident(self, name: str, grad: jax.Array, scale: float) -> None:
@@ -1287,9 +1316,16 @@ class SlidingEngine:
     def _submit(self, name: str, grad: Any, scale: float) -> None:
         unit = self.host.units[name]
         shape = self._shape(unit)
-        state = self.opt_state[name]
+        sp = self._spec[name] if name in self._speculated else None
 
         def run() -> None:
+            if sp is not None:
+                if scale == sp.scale:  # clipping changed nothing: the speculative step is the step
+                    self._commit(name, sp)
+                    return
+                sp.retired = None
+                self.speculation["redone"] += 1
+            state = self.opt_state[name]  # read here: a commit swaps it (on this thread)
             buf = PinnedBuffer.adopt(grad)  # waits for the download to land
             g = buf.host.reshape(shape)
             # The new weights overwrite the gradient in place (each element is read before it is
@@ -1297,8 +1333,57 @@ class SlidingEngine:
             self.opt.update(state, unit.master.reshape(shape), g, g,
                             decay_split=unit.layout.decay_split, grad_scale=scale)
             self.upload_buf[name] = buf
+        # After the unit's speculative task (same priority, submitted later, same download).
         self.worker.submit((self.step_count, self._priority(name)), f"update {name}", run, self.ready[name],
                            waits_for=grad)
+
+    # ----- speculative updates
+
+    def _speculated_units(self, count: int) -> list[str]:
+        """The `count` host-updated units whose gradients complete first in the backward."""
+        count = max(0, int(count))
+        if count == 0 or self.max_grad_norm <= 0:  # without clipping every update is final at once
+            return []
+        if self.dist is not None:
+            raise SlidejaxError("speculative_units: one process only")
+        if not callable(getattr(self.opt, "update", None)) or not getattr(self.opt, "supports_into", False):
+            raise SlidejaxError(f"speculative_units needs an optimizer with update(into=) (HostAdamW), "
+                                f"not {type(self.opt).__name__}")
+        order = [] if self.cfg.tie_word_embeddings else [u.name for u in reversed(self.host.head_units)]
+        order += [f"layers.{i}" for i in range(self.L - 1, -1, -1)]
+        return [n for n in order if n not in self.resident and n not in self.gpu_updated][:count]
+
+    def _new_speculation(self, name: str) -> "_Speculation":
+        unit = self.host.units[name]
+        shape = self._shape(unit)
+        return _Speculation(master=aligned_zeros(unit.master.size), state=self.opt.init(shape),
+                            upload=PinnedBuffer(unit.master.size, self.np_dtype, self.device))
+
+    def _speculate(self, name: str, grad: Any, retired: PinnedBuffer | None) -> None:
+        """Update unit `name` as if clipping changed nothing, into its second buffers, as soon as
+        its gradient lands (the backward goes on meanwhile; the host is otherwise idle)."""
+        sp = self._spec[name]
+        unit = self.host.units[name]
+        sp.scale, sp.retired = self._unclipped, retired  # the copy now in use becomes the spare
+        if sp.upload is None:  # a failed step released it
+            sp.upload = PinnedBuffer(unit.master.size, self.np_dtype, self.device)
+        self._speculated.add(name)
+
+        def run() -> None:
+            g = PinnedBuffer.adopt(grad).host  # read only: a redo may still need it
+            self.opt.update(self.opt_state[name], unit.master, g, sp.upload.host,
+                            decay_split=unit.layout.decay_split, grad_scale=sp.scale,
+                            into=(sp.master, sp.state))
+        self.worker.submit((self.step_count, self._priority(name)), f"speculate {name}", run,
+                           threading.Event(), waits_for=grad)
+
+    def _commit(self, name: str, sp: "_Speculation") -> None:
+        """Make the speculative update the unit's state (on the host worker)."""
+        unit = self.host.units[name]
+        unit.master, sp.master = sp.master, unit.master
+        self.opt_state[name], sp.state = sp.state, self.opt_state[name]
+        self.upload_buf[name], sp.upload, sp.retired = sp.upload, sp.retired, None
+        self.speculation["committed"] += 1
 
     def _shape(self, unit: Unit) -> tuple[int, ...]:
         return (unit.rows[1] - unit.rows[0], self.cfg.hidden_size) if unit.rows else unit.master.shape

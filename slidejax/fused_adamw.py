@@ -187,14 +187,32 @@ def sr_noise(v_bits: np.ndarray, p_bits: np.ndarray, g_bits: np.ndarray, key: np
     return lowbias32(np.asarray(v_bits, np.uint32) ^ np.uint32(key) ^ rotl(p_bits, 11) ^ rotl(g_bits, 22))
 
 
-# Everything a call runs is written out in these two functions, with the dtype handling in
-# intrinsics: each numba function compiled per signature costs seconds, most of it numba's own
-# passes, so fewer functions mean faster compiles (CI compiles from scratch).
+# Everything a call runs is written out in these two kernels (the per-element arithmetic inlined
+# into both of adamw_spans' loops), with the dtype handling in intrinsics: each numba function
+# compiled per signature costs seconds, most of it numba's own passes, so fewer functions mean
+# faster compiles (CI compiles from scratch).
+
+
+@njit(inline="always", **_OPTS)
+def _adamw_element(g, p0, m0, v0, hp, decay):
+    """One element's AdamW step in float32, in optax.adamw's order of operations (see
+    `adamw_spans`): the new weight and the unrounded moments."""
+    c1, b1, c2, b2, bc1, bc2, eps_root, eps, wd, neg_lr, _ = hp
+    mu = c1 * g + b1 * m0
+    nu = c2 * (g * g) + b2 * v0
+    u = (mu / bc1) / (np.sqrt(nu / bc2 + eps_root) + eps)
+    u = u + wd * p0 if decay else u
+    return p0 + neg_lr * u, mu, nu
 
 
 @njit(parallel=True, **_OPTS)
-def adamw_spans(spans, nthreads, decay_split, master, m, v, grad, zeros, upload, write_upload, hp, key):
-    """Fused AdamW over `spans` (int64 [S, 3]: lo, hi, gstart) of a unit's flat buffers, in place.
+def adamw_spans(spans, nthreads, decay_split, master, m, v, grad, zeros, upload, write_upload, hp, key,
+                master_out, m_out, v_out, out_of_place):
+    """Fused AdamW over `spans` (int64 [S, 3]: lo, hi, gstart) of a unit's flat buffers, in place,
+    or with `out_of_place` into `master_out`, `m_out` and `v_out` (same shapes; the inputs are
+    then only read: a speculative update that may be thrown away). In place, pass empty arrays
+    for the outputs: the two loops are written out separately because an output that may alias
+    its input makes LLVM's run-time overlap check send the loop to its scalar version.
 
     Span elements lo + j read the gradient grad[gstart + j], or `zeros[j]` where gstart < 0 (a row
     with no gradient gets the full update with g = 0, exactly as optax with a dense zero). Elements below `decay_split` get
@@ -207,7 +225,7 @@ def adamw_spans(spans, nthreads, decay_split, master, m, v, grad, zeros, upload,
     u += wd p (decayed elements only); p = p + (-lr) u. (XLA sometimes rewrites optax's division
     by the scalar bc into a product with 1/bc: it does for a one-leaf pytree, not for several.)
     """
-    c1, b1, c2, b2, bc1, bc2, eps_root, eps, wd, neg_lr, scale = hp
+    scale = hp[10]
     for s in prange(spans.shape[0]):
         lo = spans[s, 0]
         hi = spans[s, 1]
@@ -236,19 +254,29 @@ def adamw_spans(spans, nthreads, decay_split, master, m, v, grad, zeros, upload,
             vb = v_[b0 : b0 + kb]
             ub = u_[b0 : b0 + kb] if write_upload else u_[:0]
             jdb = min(max(jd - b0, 0), kb)
-            for j in range(kb):
-                g = gl[j]
-                p0 = pb[j]
-                mu = c1 * g + b1 * _to_f32(mb[j])
-                nu = c2 * (g * g) + b2 * _to_f32(vb[j])
-                u = (mu / bc1) / (np.sqrt(nu / bc2 + eps_root) + eps)
-                u = u + wd * p0 if j < jdb else u
-                p = p0 + neg_lr * u
-                pb[j] = p
-                mb[j] = _rne_like(mu, mb)
-                vb[j] = _sr_like(nu, key, p0, g, vb)
-                if write_upload:
-                    ub[j] = _rne_like(p, ub)
+            if out_of_place:
+                pob = master_out[lo + b0 : lo + b0 + kb]
+                mob = m_out[lo + b0 : lo + b0 + kb]
+                vob = v_out[lo + b0 : lo + b0 + kb]
+                for j in range(kb):
+                    g = gl[j]
+                    p0 = pb[j]
+                    p, mu, nu = _adamw_element(g, p0, _to_f32(mb[j]), _to_f32(vb[j]), hp, j < jdb)
+                    pob[j] = p
+                    mob[j] = _rne_like(mu, mob)
+                    vob[j] = _sr_like(nu, key, p0, g, vob)
+                    if write_upload:
+                        ub[j] = _rne_like(p, ub)
+            else:
+                for j in range(kb):
+                    g = gl[j]
+                    p0 = pb[j]
+                    p, mu, nu = _adamw_element(g, p0, _to_f32(mb[j]), _to_f32(vb[j]), hp, j < jdb)
+                    pb[j] = p
+                    mb[j] = _rne_like(mu, mb)
+                    vb[j] = _sr_like(nu, key, p0, g, vb)
+                    if write_upload:
+                        ub[j] = _rne_like(p, ub)
 
 
 @njit(parallel=True, **_OPTS)

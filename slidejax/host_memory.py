@@ -294,7 +294,7 @@ _PINNED_POOL_DEFAULT_GB = 64  # XLA's default cap when device memory is not prea
 def plan_host_memory(cfg: "ModelConfig", micro_batch: tuple[int, int], micro_batches: int = 1, *,
                      compute_dtype: Any = "bfloat16", moment_dtype: Any = np.float32,
                      resident_layers: int = 0, prefetch: int = 2,
-                     gpu_update_layers: int = 0) -> dict[str, int]:
+                     gpu_update_layers: int = 0, speculated_params: int = 0) -> dict[str, int]:
     """Host bytes a one-process sliding engine holds for steps of `micro_batches` micro-batches of
     `micro_batch` = (rows, seq_len) tokens, split into what XLA's pinned pool must hold and the
     rest. Upper bounds: every boundary activation is counted as offloaded.
@@ -309,7 +309,9 @@ def plan_host_memory(cfg: "ModelConfig", micro_batch: tuple[int, int], micro_bat
       when its gradient is downloaded and its update writes the next copy into the gradient's
       buffer, so only the units whose copies are still being uploaded (the window) hold both;
     - activations (pinned): layer-input checkpoints and the head's boundaries, all micro-batches;
-    - embedding_rows: the embedding's row-sparse gradient (two reused fp32 buffers).
+    - embedding_rows: the embedding's row-sparse gradient (two reused fp32 buffers);
+    - speculation: the second master and moments of the engine's `speculative_units`
+      (`speculated_params` parameters), and (pinned) their second compute-dtype copies.
     """
     rows, seq = micro_batch
     cd = numpy_dtype(compute_dtype).itemsize
@@ -329,8 +331,11 @@ def plan_host_memory(cfg: "ModelConfig", micro_batch: tuple[int, int], micro_bat
         "gradients": 0 if r == L else cd * (prefetch + 1) * unit,
         "activations": (L + 4) * tokens * H * cd,
         "embedding_rows": 0 if r == L else 2 * 4 * min(tokens, V) * H,
+        "speculation": (4 + 2 * moment) * speculated_params,
+        "speculation_copies": cd * speculated_params,
     }
-    plan["pinned"] = plan["upload_copies"] + plan["gradients"] + plan["activations"] + plan["gpu_updated_state"]
+    plan["pinned"] = (plan["upload_copies"] + plan["gradients"] + plan["activations"] + plan["gpu_updated_state"]
+                      + plan["speculation_copies"])
     plan["total"] = sum(v for k, v in plan.items() if k != "pinned")
     return plan
 

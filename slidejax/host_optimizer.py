@@ -44,6 +44,10 @@ grad_index=None) -> None``
     The equivalent plain optax transformation, for whole-model references and tests.
 ``opt.supports_rows``
     Whether `rows` is accepted.
+``opt.supports_into`` (optional, default False)
+    Whether ``update(..., into=(master_out, state_out))`` is accepted: the step read from
+    `master` and `state` and written to a second master buffer and state of the same unit, the
+    inputs unchanged (the engine's speculative updates; `HostAdamW`).
 
 For the embedding, with the rows the next batch looks up updated first::
 
@@ -284,6 +288,7 @@ class HostAdamW:
     """
 
     supports_rows = True
+    supports_into = True  # `update(into=...)`: a step written to a second set of buffers
 
     def __init__(
         self,
@@ -433,10 +438,27 @@ class HostAdamW:
         grad_scale: float = 1.0,
         rows: np.ndarray | None = None,
         grad_index: np.ndarray | None = None,
+        into: tuple[np.ndarray, AdamWState] | None = None,
     ) -> None:
-        """One AdamW step (or, with `rows`, part of one) on a unit, in place; see the module doc."""
+        """One AdamW step (or, with `rows`, part of one) on a unit, in place; see the module doc.
+
+        With `into=(master_out, state_out)` (a second master buffer and a state from `init` of the
+        same unit) the step reads `master` and `state` without changing them and writes the new
+        weights, moments and count to the outputs: bitwise what the in-place step would leave,
+        for a speculative update that may be thrown away. Whole units only (no `rows`).
+        """
         n = state.mu.size
         p = _flat(master, "master", n, (F32,), writable=True)
+        if into is not None:
+            if rows is not None or grad_index is not None or state.rows_done is not None:
+                raise ValueError("update: `into` takes whole-unit steps only")
+            p_out = _flat(into[0], "master_out", n, (F32,), writable=True)
+            out = into[1]
+            if out is state or out.mu.shape != state.mu.shape or out.mu.dtype != state.mu.dtype:
+                raise ValueError("update: `into` needs another state of the same unit")
+            outs = (p_out, _kernel_view(out.mu), _kernel_view(out.nu), True)
+        else:
+            outs = (p[:0], _kernel_view(state.mu)[:0], _kernel_view(state.nu)[:0], False)
         up = None if upload is None else _flat(upload, "upload", n, (BF16, F32), writable=True)
         if not 0 <= decay_split <= n:
             raise ValueError(f"decay_split: {decay_split} not in [0, {n}]")
@@ -454,8 +476,11 @@ class HostAdamW:
         zeros = _kernel_view(np.zeros(state.shape[-1], g.dtype), readonly=True) if row_mode else gk[:0]
         fa.launch(
             fa.adamw_spans, self.threads, spans, split, p, _kernel_view(state.mu), _kernel_view(state.nu),
-            gk, zeros, _no_upload(g.dtype) if up is None else _kernel_view(up), up is not None, hp, key,
+            gk, zeros, _no_upload(g.dtype) if up is None else _kernel_view(up), up is not None, hp, key, *outs,
         )
+        if into is not None:
+            into[1].count = state.count + 1
+            return
         if done_rows is not None:
             if state.rows_done is None:
                 state.rows_done = np.zeros(state.shape[0], bool)

@@ -73,7 +73,7 @@ def rel_err(a, b) -> float:
 
 
 def run_case(*, tied=False, vocab=97, M=2, prefetch=2, resident=0, clip=0.0, steps=3, packed=True,
-             split=None, opt="adamw", layers=3, seed=0, gpu_update=0):
+             split=None, opt="adamw", layers=3, seed=0, gpu_update=0, speculative=0):
     cfg = make_cfg(tied, vocab, layers)
     rng = np.random.default_rng(seed)
     host = HostModel(cfg)
@@ -83,7 +83,8 @@ def run_case(*, tied=False, vocab=97, M=2, prefetch=2, resident=0, clip=0.0, ste
     ref_state = tx.init(ref_params)
     optimizer = adamw() if opt == "adamw" else HostOptax(tx)
     engine = SlidingEngine(host, optimizer, compute_dtype="float32", prefetch=prefetch,
-                           resident_layers=resident, max_grad_norm=clip, gpu_update_layers=gpu_update)
+                           resident_layers=resident, max_grad_norm=clip, gpu_update_layers=gpu_update,
+                           speculative_units=speculative)
     step_ref = reference_step(cfg, clip, opt)
     batches = [random_batch(rng, vocab, M, packed) for _ in range(steps)]
     for t, batch in enumerate(batches):
@@ -435,3 +436,72 @@ def test_gpu_total_bytes_reads_nvidia_smi(tmp_path, monkeypatch):
     assert gpu_total_bytes() == 143771 * 2**20
     fake.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
     assert gpu_total_bytes() is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Speculative updates
+
+
+@pytest.mark.parametrize("clip,tied,expect", [(1e3, False, "committed"), (1e-3, False, "redone"),
+                                               (1e3, True, "committed")])
+def test_speculative_updates_are_exact_whether_committed_or_redone(clip, tied, expect):
+    """Units updated speculatively during the backward (the head's chunks, then the last layers)
+    give the reference's parameters (whole-model jax.grad + optax with clipping) whether the norm
+    stays within the threshold (committed: buffers swapped) or not (redone), and bit for bit
+    what the engine gives without speculation."""
+    cfg = make_cfg(tied, 97, layers=3)
+    count = 5
+    engine = run_case(tied=tied, clip=clip, steps=3, speculative=count)
+    expected_units = ([] if tied else [f"lm_head.{c}" for c in reversed(range(len(vocab_chunks(cfg))))])
+    expected_units = (expected_units + [f"layers.{i}" for i in (2, 1, 0)])[:count]
+    assert list(engine._spec) == expected_units
+    other = "redone" if expect == "committed" else "committed"
+    assert engine.speculation[expect] == 3 * len(expected_units) and engine.speculation[other] == 0
+    plain = run_case(tied=tied, clip=clip, steps=3)
+    for name, unit in engine.host.units.items():
+        np.testing.assert_array_equal(unit.master, plain.host.units[name].master, err_msg=name)
+        a, b = engine.opt_state[name].state_dict(), plain.opt_state[name].state_dict()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name} {key}")
+
+
+def test_speculation_crossing_the_threshold_between_steps_and_its_refusals():
+    """A threshold the norm crosses between steps (some steps committed, some redone) stays
+    exact; no clipping means nothing to speculate; the generic optax path and several processes
+    are refused with one line."""
+    rng = np.random.default_rng(3)
+    cfg = make_cfg(False, 97, layers=2)
+    host = HostModel(cfg)
+    host.load_tree(init_params(cfg, seed=5))
+    probe = SlidingEngine(host, adamw(), compute_dtype="float32", max_grad_norm=1e9)
+    batches = [random_batch(rng, 97, 2, True) for _ in range(4)]
+    norms = [probe.step(b).grad_norm for b in batches[:1]]
+    probe.close()
+    clip = norms[0] * 0.999  # the first step clips; later ones (smaller norms after it) may not
+    host = HostModel(cfg)
+    host.load_tree(init_params(cfg, seed=5))
+    ref = jax.tree.map(jnp.asarray, host.tree())
+    tx = tx_for("adamw")
+    ref_state = tx.init(ref)
+    engine = SlidingEngine(host, adamw(), compute_dtype="float32", max_grad_norm=clip, speculative_units=2)
+    step_ref = reference_step(cfg, clip, "adamw")
+    scales = []
+    for t, batch in enumerate(batches):
+        nxt = batches[t + 1]["input_ids"] if t + 1 < len(batches) else None
+        scales.append(engine.step(batch, next_input_ids=nxt).clip_scale)
+        ref, ref_state, _, _ = step_ref(ref, ref_state, {k: jnp.asarray(v) for k, v in batch.items()})
+    engine.sync()
+    assert scales[0] < 1.0
+    assert engine.speculation["committed"] == 2 * sum(s == 1.0 for s in scales)
+    assert engine.speculation["redone"] == 2 * sum(s < 1.0 for s in scales)
+    got = host.tree()
+    assert rel_err(got["lm_head"], ref["lm_head"]) < RTOL
+    for a, b in zip(got["layers"], ref["layers"]):
+        for n in a:
+            assert rel_err(a[n], b[n]) < RTOL, n
+    engine.close()
+
+    assert SlidingEngine(HostModel(cfg), adamw(), compute_dtype="float32", speculative_units=3)._spec == {}
+    with pytest.raises(SlidejaxError, match=r"update\(into=\)"):
+        SlidingEngine(HostModel(cfg), HostOptax(tx), compute_dtype="float32", max_grad_norm=1.0,
+                      speculative_units=1)

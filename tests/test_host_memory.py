@@ -29,16 +29,27 @@ def make_host(tied: bool, layers: int = 3, vocab: int = 300) -> HostModel:
 
 
 @pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("resident,gpu_update", [(0, 0), (1, 0), (3, 0), (0, 2), (1, 1)])
+@pytest.mark.parametrize("resident,gpu_update,spec", [(0, 0, 0), (1, 0, 0), (3, 0, 0), (0, 2, 0), (1, 1, 0),
+                                                      (0, 0, 4), (1, 1, 2)])
 @pytest.mark.parametrize("moments", [np.float32, ml_dtypes.bfloat16])
-def test_plan_counts_the_buffers_the_engine_allocates(tied, resident, gpu_update, moments):
+def test_plan_counts_the_buffers_the_engine_allocates(tied, resident, gpu_update, spec, moments):
     host = make_host(tied)
     assert len(host.embed_units) > 1  # several vocabulary blocks
     engine = SlidingEngine(host, HostAdamW(1e-3, moment_dtype=moments), compute_dtype="bfloat16",
-                           resident_layers=resident, gpu_update_layers=gpu_update)
+                           resident_layers=resident, gpu_update_layers=gpu_update, max_grad_norm=1.0,
+                           speculative_units=spec)
     plan = engine.plan_host_memory((ROWS, SEQ), micro_batches=3)
+    spec_params = sum(host.units[n].master.size for n in engine._spec)
+    candidates = (0 if tied else len(host.head_units)) + host.cfg.num_layers - resident - gpu_update
+    assert len(engine._spec) == min(spec, candidates if resident < host.cfg.num_layers else 0)
     assert plan == plan_host_memory(host.cfg, (ROWS, SEQ), 3, compute_dtype="bfloat16", moment_dtype=moments,
-                                    resident_layers=resident, gpu_update_layers=gpu_update)
+                                    resident_layers=resident, gpu_update_layers=gpu_update,
+                                    speculated_params=spec_params)
+    # Speculative units: a second master and moments, and a second (pinned) copy.
+    assert plan["speculation"] == sum(sp.master.nbytes + sp.state.mu.nbytes + sp.state.nu.nbytes
+                                      for sp in engine._spec.values())
+    assert plan["speculation_copies"] == sum(sp.upload.host.nbytes for sp in engine._spec.values())
+    assert (plan["speculation"] > 0) == (spec > 0)
     # GPU-updated layers: master, optimizer state and copy parked, room for a pending gradient.
     parked = sum(sum(x.nbytes for x in jax.tree.leaves(engine.dev_state[n]) if isinstance(x, jax.Array))
                  for n in engine.gpu_updated)
@@ -49,8 +60,9 @@ def test_plan_counts_the_buffers_the_engine_allocates(tied, resident, gpu_update
     assert plan["optimizer"] == sum(s.mu.nbytes + s.nu.nbytes for s in engine.opt_state.values())
     assert plan["gradients"] == (0 if resident == 3 else 3 * 2 * max(u.master.size for u in host.units.values()))
     assert plan["pinned"] == (plan["upload_copies"] + plan["gradients"] + plan["activations"]
-                              + plan["gpu_updated_state"])
-    assert plan["total"] == plan["pinned"] + plan["masters"] + plan["optimizer"] + plan["embedding_rows"]
+                              + plan["gpu_updated_state"] + plan["speculation_copies"])
+    assert plan["total"] == (plan["pinned"] + plan["masters"] + plan["optimizer"] + plan["embedding_rows"]
+                             + plan["speculation"])
     # The untied embedding has no compute-dtype copy: it is gathered from its master.
     assert not any(n.startswith("embed.") for n in engine.upload_buf) or tied
 

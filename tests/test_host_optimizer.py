@@ -128,6 +128,38 @@ def test_upload_written_over_its_own_gradient_equals_separate_buffers(dtype, mom
     assert not np.array_equal(_bits(shared), _bits(grad))  # the copy did replace the gradient
 
 
+@pytest.mark.parametrize("moment_dtype", [np.float32, BF16])
+def test_update_into_other_buffers_equals_in_place_and_leaves_inputs(moment_dtype):
+    """`into=`: a speculative step reads master and state and writes the step to other buffers,
+    bitwise what the in-place step leaves (weights, moments, count, upload), inputs untouched;
+    alternating the two buffer sets (the engine's double buffering) stays on the in-place path."""
+    rng = np.random.default_rng(2)
+    master0 = _rand(rng, N)
+    opt = HostAdamW(3e-2, b1=0.85, b2=0.99, weight_decay=0.1, moment_dtype=moment_dtype, threads=3)
+    split = fa._BLOCK + 123
+    ref_master, ref_state, ref_up = master0.copy(), opt.init(N), aligned_zeros(N, BF16)
+    cur = (master0.copy(), opt.init(N))
+    spare = (aligned_zeros(N), opt.init(N))
+    up = aligned_zeros(N, BF16)
+    for step in range(4):
+        grad = _rand(rng, N, BF16, scale=0.5)
+        opt.update(ref_state, ref_master, grad, ref_up, decay_split=split, grad_scale=0.7)
+        before = [a.copy() for a in (cur[0], cur[1].mu, cur[1].nu)]
+        opt.update(cur[1], cur[0], grad, up, decay_split=split, grad_scale=0.7, into=spare)
+        for a, b, what in zip((cur[0], cur[1].mu, cur[1].nu), before, ("master", "mu", "nu")):
+            _assert_bitwise(a, b, f"input {what} unchanged, step {step}")
+        assert cur[1].count == step and spare[1].count == step + 1
+        cur, spare = spare, cur
+        _assert_bitwise(cur[0], ref_master, f"master, step {step}")
+        _assert_bitwise(cur[1].mu, ref_state.mu, f"mu, step {step}")
+        _assert_bitwise(cur[1].nu, ref_state.nu, f"nu, step {step}")
+        _assert_bitwise(up, ref_up, f"upload, step {step}")
+    with pytest.raises(ValueError, match="another state"):
+        opt.update(cur[1], cur[0], grad, up, decay_split=split, into=(spare[0], cur[1]))
+    with pytest.raises(ValueError, match="whole-unit"):
+        opt.update(cur[1], cur[0], grad[:7], up, decay_split=split, rows=np.arange(1), into=spare)
+
+
 def test_fused_equals_jitted_optax_with_schedule_and_eps_root():
     """Schedule and jitted optax (XLA fuses into FMAs): equal to float32 rounding over 12 steps."""
     rng = np.random.default_rng(1)
