@@ -311,7 +311,8 @@ def plan_host_memory(cfg: "ModelConfig", micro_batch: tuple[int, int], micro_bat
     - activations (pinned): layer-input checkpoints and the head's boundaries, all micro-batches;
     - embedding_rows: the embedding's row-sparse gradient (two reused fp32 buffers);
     - speculation: the second master and moments of the engine's `speculative_units`
-      (`speculated_params` parameters), and (pinned) their second compute-dtype copies.
+      (`speculated_params` parameters), and (pinned) two more compute-dtype copies: the one the
+      speculative update writes, and the copy in use, kept until the step commits or redoes.
     """
     rows, seq = micro_batch
     cd = numpy_dtype(compute_dtype).itemsize
@@ -332,7 +333,7 @@ def plan_host_memory(cfg: "ModelConfig", micro_batch: tuple[int, int], micro_bat
         "activations": (L + 4) * tokens * H * cd,
         "embedding_rows": 0 if r == L else 2 * 4 * min(tokens, V) * H,
         "speculation": (4 + 2 * moment) * speculated_params,
-        "speculation_copies": cd * speculated_params,
+        "speculation_copies": 2 * cd * speculated_params,
     }
     plan["pinned"] = (plan["upload_copies"] + plan["gradients"] + plan["activations"] + plan["gpu_updated_state"]
                       + plan["speculation_copies"])

@@ -45,10 +45,11 @@ def test_plan_counts_the_buffers_the_engine_allocates(tied, resident, gpu_update
     assert plan == plan_host_memory(host.cfg, (ROWS, SEQ), 3, compute_dtype="bfloat16", moment_dtype=moments,
                                     resident_layers=resident, gpu_update_layers=gpu_update,
                                     speculated_params=spec_params)
-    # Speculative units: a second master and moments, and a second (pinned) copy.
+    # Speculative units: a second master and moments, a second (pinned) copy, and during a step
+    # the copy in use, kept until the commit (a copy's size: the spare's).
     assert plan["speculation"] == sum(sp.master.nbytes + sp.state.mu.nbytes + sp.state.nu.nbytes
                                       for sp in engine._spec.values())
-    assert plan["speculation_copies"] == sum(sp.upload.host.nbytes for sp in engine._spec.values())
+    assert plan["speculation_copies"] == 2 * sum(sp.upload.host.nbytes for sp in engine._spec.values())
     assert (plan["speculation"] > 0) == (spec > 0)
     # GPU-updated layers: master, optimizer state and copy parked, room for a pending gradient.
     parked = sum(sum(x.nbytes for x in jax.tree.leaves(engine.dev_state[n]) if isinstance(x, jax.Array))
