@@ -214,6 +214,21 @@ def _kernel_view(a: np.ndarray, readonly: bool = False) -> np.ndarray:
     return out
 
 
+def _zero_rows(state: AdamWState, block: int = 4096) -> np.ndarray:
+    """Per row of a 2-D unit: whether both moments are +0 throughout (bit patterns, so -0, which
+    a step would turn into +0, does not count), read `block` rows at a time."""
+    nrows, cols = state.shape
+    out = np.empty(nrows, bool)
+    m = _kernel_view(state.mu).reshape(nrows, cols)
+    v = _kernel_view(state.nu).reshape(nrows, cols)
+    if m.dtype == np.float32:
+        m, v = m.view(np.uint32), v.view(np.uint32)
+    for a in range(0, nrows, block):
+        b = min(nrows, a + block)
+        out[a:b] = ~(m[a:b].any(axis=1) | v[a:b].any(axis=1))
+    return out
+
+
 def _no_upload(like: np.dtype) -> np.ndarray:
     """The kernels' stand-in for upload=None, typed like the run's usual upload (one signature)."""
     return np.zeros(0, np.uint16 if like == BF16 else np.float32)
@@ -244,6 +259,9 @@ class AdamWState:
     count: int
     shape: tuple[int, ...]
     rows_done: np.ndarray | None = None
+    # Rows whose moments are known to be +0 (never had a gradient): their steps skip the moments.
+    # Derived from the moments when first needed; not part of the state_dict.
+    zero_rows: np.ndarray | None = None
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """{'count', 'mu', 'nu'} (the moments are the live arrays, not copies)."""
@@ -263,7 +281,7 @@ class AdamWState:
                 )
             np.copyto(dst, src)
         self.count = int(np.asarray(tree["count"]))
-        self.rows_done = None
+        self.rows_done = self.zero_rows = None
 
 
 class HostAdamW:
@@ -416,7 +434,11 @@ class HostAdamW:
                 raise ValueError(f"grad_index: values must lie in [-1, {nu})")
             flat_grad = _flat(grad, "grad", grad.size, (BF16, F32), writable=False)
             gi = grad_index[rows].astype(np.int64)
-            gstart = np.where(gi >= 0, gi * cols, -1)
+            if state.zero_rows is None:
+                state.zero_rows = _zero_rows(state)
+            gstart = np.where(gi >= 0, gi * cols, np.where(state.zero_rows[rows], fa.ZERO_MOMENTS, -1))
+        if state.zero_rows is not None:
+            state.zero_rows[rows[gstart >= 0]] = False  # their moments are about to change
         lo = rows * cols
         return np.stack([lo, lo + cols, gstart], axis=1), rows, flat_grad
 
@@ -467,6 +489,9 @@ class HostAdamW:
             spans, done_rows, g = self._row_spans(state, grad, rows, grad_index)
         else:
             spans, done_rows, g = self._dense_spans(n), None, _flat(grad, "grad", n, (BF16, F32), writable=False)
+            state.zero_rows = None
+        if into is not None:
+            into[1].zero_rows = None
         # With no decay at all, skip the term (optax does too): exact even for non-finite weights.
         split = 0 if self.weight_decay == 0.0 else int(decay_split)
         hp = self._hyper(state.count) + (np.float32(grad_scale),)

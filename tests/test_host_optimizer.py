@@ -360,6 +360,51 @@ def test_row_sparse_and_row_split_updates_equal_the_dense_update(moment_dtype):
     assert untouched.any() and not np.array_equal(m_dense[untouched], master0[untouched])
 
 
+@pytest.mark.parametrize("moment_dtype", [np.float32, BF16])
+@pytest.mark.parametrize("eps,eps_root", [(1e-8, 0.0), (0.0, 0.0), (0.0, 1e-12)])
+def test_rows_that_never_had_a_gradient_skip_their_moments_exactly(moment_dtype, eps, eps_root):
+    """Rows whose moments are still +0 take the kernel's moment-free path: the same bits as the
+    dense update (eps = 0 too, where that step is 0/0 = NaN), moments left at +0; the set of such
+    rows shrinks as rows get gradients, and is re-derived after a checkpoint load, where a -0
+    moment does not count as zero (a step would turn it into +0)."""
+    rng = np.random.default_rng()
+    vocab, hidden = 41, 19
+    opt = HostAdamW(2e-2, eps=eps, eps_root=eps_root, weight_decay=0.1, moment_dtype=moment_dtype, threads=2)
+    master0 = _rand(rng, (vocab, hidden))
+    sparse_m, dense_m = master0.copy(), master0.copy()
+    sparse_s, dense_s = opt.init(master0.shape), opt.init(master0.shape)
+    sparse_u, dense_u = aligned_zeros((vocab, hidden), BF16), aligned_zeros((vocab, hidden), BF16)
+    split = 7 * hidden + 3
+    ever = np.zeros(vocab, bool)
+    for step in range(4):
+        if step == 2:  # a checkpoint round trip, one moment of a never-touched row set to -0
+            row = int(np.flatnonzero(~ever)[0])
+            for s_ in (sparse_s, dense_s):
+                s_.mu.reshape(vocab, hidden)[row, 3] = -0.0
+            sparse_s.load_state_dict(copy.deepcopy(sparse_s.state_dict()))
+            assert sparse_s.zero_rows is None
+        used = rng.choice(vocab, 5, replace=False)
+        ever[used] = True
+        grad_rows = _rand(rng, (5, hidden), BF16)
+        index = np.full(vocab, -1, np.int32)
+        index[used] = np.arange(5)
+        dense = aligned_zeros((vocab, hidden), BF16)
+        dense[used] = grad_rows
+        opt.update(sparse_s, sparse_m, grad_rows, sparse_u, grad_index=index, decay_split=split, grad_scale=0.5)
+        opt.update(dense_s, dense_m, dense, dense_u, decay_split=split, grad_scale=0.5)
+        _assert_bitwise(sparse_m, dense_m, f"master, step {step}")
+        _assert_bitwise(sparse_s.mu, dense_s.mu, f"mu, step {step}")
+        _assert_bitwise(sparse_s.nu, dense_s.nu, f"nu, step {step}")
+        _assert_bitwise(sparse_u, dense_u, f"upload, step {step}")
+        expect = ~ever
+        if step >= 2:
+            expect[row] = False
+        np.testing.assert_array_equal(sparse_s.zero_rows, expect)
+    assert expect.any() and (np.isnan(sparse_m[expect]).all() if eps == eps_root == 0.0
+                             else np.isfinite(sparse_m).all())
+    assert not _bits(sparse_s.mu.reshape(vocab, hidden)[expect]).any()
+
+
 def test_row_split_counts_one_step_and_rejects_misuse():
     rng = np.random.default_rng(7)
     vocab, hidden = 20, 16
