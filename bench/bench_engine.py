@@ -172,7 +172,8 @@ def main() -> None:
              + (f", host threads {opt.threads}" if args.host_threads else "")
              + (f", GPU-updated layers {sorted(engine.gpu_updated)}" if engine.gpu_updated else "")
              + (f", speculative units {list(engine._spec)} (unit updates committed "
-                f"{engine.speculation['committed']}, redone {engine.speculation['redone']})" if engine._spec else "")
+                f"{engine.speculation['committed']}, redone {engine.speculation['redone']}, skipped "
+                f"{engine.speculation['skipped']})" if engine._spec else "")
              + (f", {args.devices} devices" if args.devices > 1 else ""))
     if pinned_pool is not None:
         notes += f", pinned pool capped at {pinned_pool >> 30} GiB"
