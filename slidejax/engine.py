@@ -1353,7 +1353,7 @@ class SlidingEngine:
             return []
         if self.dist is not None:
             raise SlidejaxError("speculative_units: one process only")
-        if not callable(getattr(self.opt, "update", None)) or not getattr(self.opt, "supports_into", False):
+        if not getattr(self.opt, "supports_into", False):
             raise SlidejaxError(f"speculative_units needs an optimizer with update(into=) (HostAdamW), "
                                 f"not {type(self.opt).__name__}")
         order = [] if self.cfg.tie_word_embeddings else [u.name for u in reversed(self.host.head_units)]
@@ -1372,7 +1372,7 @@ class SlidingEngine:
         sp = self._spec[name]
         unit = self.host.units[name]
         sp.scale, sp.retired, sp.written = self._unclipped, retired, False  # the copy in use: the spare after a commit
-        if sp.upload is None:  # a failed step released it
+        if sp.upload is None:  # its last commit had no copy to retire (a failed step released it)
             sp.upload = PinnedBuffer(unit.master.size, self.np_dtype, self.device)
         outcome = self._outcome
         self._speculated[name] = outcome
