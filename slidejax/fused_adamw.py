@@ -188,10 +188,10 @@ def sr_noise(v_bits: np.ndarray, p_bits: np.ndarray, g_bits: np.ndarray, key: np
     return lowbias32(np.asarray(v_bits, np.uint32) ^ np.uint32(key) ^ rotl(p_bits, 11) ^ rotl(g_bits, 22))
 
 
-# Everything a call runs is written out in these two kernels (the per-element arithmetic inlined
-# into both of adamw_spans' loops), with the dtype handling in intrinsics: each numba function
-# compiled per signature costs seconds, most of it numba's own passes, so fewer functions mean
-# faster compiles (CI compiles from scratch).
+# Everything a call runs is written out in these two kernels (the helpers below are inlined),
+# with the dtype handling in intrinsics: each numba function compiled per signature costs
+# seconds, most of it numba's own passes, so fewer functions mean faster compiles (CI compiles
+# from scratch).
 
 
 @njit(inline="always", **_OPTS)
@@ -212,22 +212,38 @@ def _adamw_element(g, p0, m0, v0, hp, decay):
     return p0 + hp[9] * u, mu, nu
 
 
+@njit(inline="always", **_OPTS)
+def _adamw_block(gl, pb, mb, vb, pob, mob, vob, ub, kb, jdb, hp, key, write_upload):
+    """AdamW over one staged block: reads weights and moments from pb, mb, vb and writes them to
+    pob, mob, vob (the same arrays in place), the copy to ub."""
+    for j in range(kb):
+        g = gl[j]
+        p0 = pb[j]
+        p, mu, nu = _adamw_element(g, p0, _to_f32(mb[j]), _to_f32(vb[j]), hp, j < jdb)
+        pob[j] = p
+        mob[j] = _rne_like(mu, mob)
+        vob[j] = _sr_like(nu, key, p0, g, vob)
+        if write_upload:
+            ub[j] = _rne_like(p, ub)
+
+
 @njit(parallel=True, **_OPTS)
 def adamw_spans(spans, nthreads, decay_split, master, m, v, grad, zeros, upload, write_upload, hp, key,
                 master_out, m_out, v_out, out_of_place):
     """Fused AdamW over `spans` (int64 [S, 3]: lo, hi, gstart) of a unit's flat buffers, in place,
     or with `out_of_place` into `master_out`, `m_out` and `v_out` (same shapes; the inputs are
     then only read: a speculative update that may be thrown away). In place, pass empty arrays
-    for the outputs: the two loops are written out separately because an output that may alias
-    its input makes LLVM's run-time overlap check send the loop to its scalar version.
+    for the outputs: the loop then writes to the very arrays it reads, which LLVM sees as one
+    pointer, whereas outputs that merely may alias the inputs would make its run-time overlap
+    check send the loop to its scalar version.
 
     Span elements lo + j read the gradient grad[gstart + j], or `zeros[j]` where gstart < 0 (a row
     with no gradient gets the full update with g = 0, exactly as optax with a dense zero). With
     gstart == ZERO_MOMENTS the span's moments are also known to be zero (a row that never had a
     gradient): the update is then the same for every element but its weight decay, computed
     once, and m and v, which it leaves at zero, are neither read nor written (8 of 24 B/param;
-    in place only). Elements below `decay_split` get weight decay. `hp` is the float32 tuple (1-b1, b1, 1-b2, b2, bc1, bc2, eps_root, eps, wd, -lr,
-    grad_scale) (a tuple is a value: no aliasing doubt keeps its loads in the loop), `key` the
+    in place only). Elements below `decay_split` get weight decay. `hp` is the float32 tuple
+    (1-b1, b1, 1-b2, b2, bc1, bc2, eps_root, eps, wd, -lr, grad_scale) (a tuple is a value: no aliasing doubt keeps its loads in the loop), `key` the
     stochastic-rounding key of bf16 v. `nthreads` is unused here (`launch` sets the thread count).
 
     Per element, in optax.adamw's order of operations, with bc = 1 - b**count in float32:
@@ -282,25 +298,9 @@ def adamw_spans(spans, nthreads, decay_split, master, m, v, grad, zeros, upload,
                 pob = master_out[lo + b0 : lo + b0 + kb]
                 mob = m_out[lo + b0 : lo + b0 + kb]
                 vob = v_out[lo + b0 : lo + b0 + kb]
-                for j in range(kb):
-                    g = gl[j]
-                    p0 = pb[j]
-                    p, mu, nu = _adamw_element(g, p0, _to_f32(mb[j]), _to_f32(vb[j]), hp, j < jdb)
-                    pob[j] = p
-                    mob[j] = _rne_like(mu, mob)
-                    vob[j] = _sr_like(nu, key, p0, g, vob)
-                    if write_upload:
-                        ub[j] = _rne_like(p, ub)
-            else:
-                for j in range(kb):
-                    g = gl[j]
-                    p0 = pb[j]
-                    p, mu, nu = _adamw_element(g, p0, _to_f32(mb[j]), _to_f32(vb[j]), hp, j < jdb)
-                    pb[j] = p
-                    mb[j] = _rne_like(mu, mb)
-                    vb[j] = _sr_like(nu, key, p0, g, vb)
-                    if write_upload:
-                        ub[j] = _rne_like(p, ub)
+                _adamw_block(gl, pb, mb, vb, pob, mob, vob, ub, kb, jdb, hp, key, write_upload)
+            else:  # the same arrays in and out: LLVM sees one pointer, no overlap check
+                _adamw_block(gl, pb, mb, vb, pb, mb, vb, ub, kb, jdb, hp, key, write_upload)
 
 
 @njit(parallel=True, **_OPTS)
