@@ -590,6 +590,12 @@ class SlidingEngine:
         if self.all_resident:
             self.resident |= set(host.units)
         self.gpu_updated = self._gpu_updated_layers(self._gpu_update_count)
+        # Allocated before the budget check, whose pinned-memory plan counts their copies.
+        self._spec = {name: self._new_speculation(name) for name in self._speculated_units(speculative_units)}
+        self._speculated: set[str] = set()  # this step's speculative updates
+        # Unit updates over the engine's life: speculation committed, redone (clipped), skipped
+        # (not started before the backward ended).
+        self.speculation = {"committed": 0, "redone": 0, "skipped": 0}
         if micro_batch is not None:
             self._check_budget((1, *micro_batch), segments=False)
         head_names = {u.name for u in host.head_units}
@@ -620,11 +626,6 @@ class SlidingEngine:
             if optimizer is not None:  # None: an inference-only engine
                 self.opt_state[name] = optimizer.init(unit.master.reshape(self._shape(unit)), tree_of=self._tree_of(unit))
         self._copied = frozenset(self.upload_buf)  # the units that have an upload copy
-        self._spec = {name: self._new_speculation(name) for name in self._speculated_units(speculative_units)}
-        self._speculated: dict[str, dict] = {}  # this step's speculative updates: name -> the step's outcome
-        # Unit updates over the engine's life: speculation committed, redone (clipped), skipped
-        # (not started before the backward ended).
-        self.speculation = {"committed": 0, "redone": 0, "skipped": 0}
         self._inflight: collections.deque = collections.deque()
         self._staging: list[list[PinnedBuffer]] = []  # [micro-batch][device]
         self._staging_guard: Any = None  # the last computation that read the staging buffers
@@ -698,7 +699,7 @@ class SlidingEngine:
                                 moment_dtype=getattr(self.opt, "moment_dtype", np.float32),
                                 resident_layers=self.resident_layers, prefetch=self.prefetch,
                                 gpu_update_layers=len(self.gpu_updated),
-                                speculated_params=sum(self.host.units[n].master.size for n in getattr(self, "_spec", ())))
+                                speculated_params=sum(self.host.units[n].master.size for n in self._spec))
 
     def _check_pinned_pool(self, shape: tuple[int, ...]) -> None:
         """On a GPU, refuse a step whose pinned host memory would overflow XLA's pinned pool
@@ -940,7 +941,7 @@ class SlidingEngine:
         # Without clipping the update scale is known now and updates start as gradients arrive.
         self._scale = None if self.max_grad_norm > 0 else 1.0 / n_tokens
         self._unclipped = 1.0 / n_tokens  # the scale when clipping changes nothing
-        self._speculated = {}
+        self._speculated = set()
         self._outcome: dict[str, float | None] = {"scale": None}  # set at the end of the backward
 
         dev = self._step_inputs(ids, labels, pos, seg, masked)
@@ -1301,7 +1302,8 @@ class SlidingEngine:
             return
         # The unit's upload copy is dead until its update: released now, and the update writes
         # the next copy into the gradient's buffer (see `_submit`), so the host never holds both
-        # a copy and a gradient of every unit (2 bytes per parameter less at the step's end).
+        # a copy and a gradient of every unit (2 bytes per parameter less at the step's end). A
+        # speculated unit keeps it until the step commits (it becomes the spare) or redoes.
         retired = self.upload_buf.pop(name, None)
         if self._scale is not None:
             self._submit(name, host_grad, self._scale)
@@ -1375,7 +1377,7 @@ class SlidingEngine:
         if sp.upload is None:  # its last commit had no copy to retire (a failed step released it)
             sp.upload = PinnedBuffer(unit.master.size, self.np_dtype, self.device)
         outcome = self._outcome
-        self._speculated[name] = outcome
+        self._speculated.add(name)
 
         def run() -> None:
             if outcome["scale"] is not None:
