@@ -55,9 +55,8 @@ def main() -> None:
     budget = None if args.gpu_memory in ("unlimited", "none", "0") else args.gpu_memory
     if budget and not args.tiny:
         # Cap XLA's allocator before the backend starts, so the budget is enforced, not just planned.
-        from slidejax.engine import parse_bytes
-        total = 141e9
-        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{min(0.95, parse_bytes(budget) / total):.4f}"
+        from slidejax.engine import limit_device_memory
+        limit_device_memory(budget)
     import jax
     import ml_dtypes
     import numpy as np
