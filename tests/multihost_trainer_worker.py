@@ -18,6 +18,7 @@ def train_and_export(out: str, data: str, seed: int) -> None:
 
     config = TrainConfig.load(model="tiny", data=[data], steps=4, seq_len=64, micro_batch_size=4,
                               tokens_per_step=512, compute_dtype="float32", lr=3e-3, warmup=1.0,
+                              eps=1e-6,  # as test_multihost_trainer.ADAM_EPS says why
                               save_every=0, progress=False, seed=seed, output_dir=out, run_name="r")
     trainer = Trainer(slidejax.load_pretrained("tiny", dtype="float32"), config=config)
     trainer.fit(until_step=2)  # stops early (saving), the schedule still that of 4 steps
