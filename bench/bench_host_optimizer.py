@@ -212,6 +212,8 @@ def machine() -> dict:
         "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "numba": numba.__version__,
         "numba_threading_layer": numba.threading_layer(),
+        # slidejax.fused_adamw asks for 512-bit vectors on AVX-512 CPUs unless NUMBA_CPU_FEATURES is set
+        "vector_bits_512": "-prefer-256-bit" in (numba.config.CPU_FEATURES or ""),
         "python": platform.python_version(),
     }
 
@@ -308,7 +310,8 @@ def main() -> None:
     info = {"command": command, "machine": machine(), "results": results, "summary": summary}
     (args.out / "results.json").write_text(json.dumps(info, indent=2))
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
-    print(f"\n{info['machine']['cpu']}, {threads} threads, numba layer {info['machine']['numba_threading_layer']}")
+    print(f"\n{info['machine']['cpu']}, {threads} threads, numba layer {info['machine']['numba_threading_layer']}"
+          f"{', 512-bit vectors' if info['machine']['vector_bits_512'] else ''}")
     print("\n".join(lines))
 
 
