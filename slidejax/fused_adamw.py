@@ -50,8 +50,8 @@ def _wide_vectors() -> None:
     instruction at 512 bits) and the fp32 pass 0-10% slower (bench/RESULTS.md). Every operation
     here is per element, so the results are the same bits at either width. Numba reads the
     setting when it first compiles: it applies if slidejax is imported before any numba function
-    of the process was compiled. Setting NUMBA_CPU_FEATURES takes the choice back."""
-    if numba.config.CPU_FEATURES is not None:
+    of the process was compiled. Setting NUMBA_CPU_FEATURES (or NUMBA_CPU_NAME) takes the choice back."""
+    if numba.config.CPU_FEATURES is not None or numba.config.CPU_NAME is not None:
         return
     from llvmlite import binding
 

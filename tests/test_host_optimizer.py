@@ -605,3 +605,58 @@ def test_make_host_optimizer_and_protocol():
     assert 1 <= default_threads() <= fa.max_threads()
     a = aligned_zeros((3, 5), BF16)
     assert a.ctypes.data % 64 == 0 and a.shape == (3, 5) and not a.any()
+
+
+_WIDTH_SCRIPT = """
+import sys, numba, numpy as np, ml_dtypes
+from slidejax import fused_adamw
+from slidejax.host_optimizer import HostAdamW, aligned_zeros
+bf16, seed = ml_dtypes.bfloat16, int(sys.argv[2])
+out = {"features": numba.config.CPU_FEATURES or ""}
+for md in (np.float32, bf16):
+    rng = np.random.default_rng(seed)
+    n = 3 * 4096 + 77
+    opt = HostAdamW(1e-3, weight_decay=0.1, moment_dtype=md, threads=2)
+    master = aligned_zeros(n); master[:] = rng.standard_normal(n, dtype=np.float32)
+    upload = aligned_zeros(n, bf16)
+    state = opt.init(n)
+    for _ in range(3):
+        grad = (rng.standard_normal(n, dtype=np.float32) * rng.uniform(1e-4, 1e-1)).astype(bf16)
+        opt.update(state, master, grad, upload, decay_split=n // 2, grad_scale=0.7)
+    for k, a in (("master", master), ("upload", upload), ("mu", state.mu), ("nu", state.nu)):
+        out[f"{np.dtype(md).name}_{k}"] = np.asarray(a).view(np.uint8).copy()
+np.savez(sys.argv[1], **out)
+"""
+
+
+def test_vector_width_choice_and_same_bits_at_either_width(tmp_path):
+    """`fused_adamw` asks numba for 512-bit vectors exactly on AVX-512 hosts (NUMBA_CPU_FEATURES
+    left unset), leaves a user's NUMBA_CPU_FEATURES alone, and the AdamW passes (fp32 and bf16
+    moments) give the same bits at the default width and at the host's plain feature set."""
+    import os
+    import subprocess
+    import sys
+
+    from llvmlite import binding
+
+    host = binding.get_host_cpu_features()
+    seed = int(np.random.default_rng().integers(1 << 30))
+    runs = {}
+    for name, features in (("default", None), ("plain", host.flatten())):
+        env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CPU_FEATURES", "NUMBA_CPU_NAME")}
+        env["NUMBA_CACHE_DIR"] = str(tmp_path / f"cache_{name}")  # each width compiles its own kernels
+        if features is not None:
+            env["NUMBA_CPU_FEATURES"] = features
+        out = tmp_path / f"{name}.npz"
+        proc = subprocess.run([sys.executable, "-c", _WIDTH_SCRIPT, str(out), str(seed)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = dict(np.load(out))
+    wide = bool(host.get("avx512f") and host.get("avx512bw"))
+    assert str(runs["default"]["features"]).endswith(",-prefer-256-bit") == wide
+    assert str(runs["plain"]["features"]) == host.flatten()  # the user's setting, untouched
+    keys = [k for k in runs["default"] if k != "features"]
+    assert len(keys) == 8
+    for k in keys:
+        np.testing.assert_array_equal(runs["default"][k], runs["plain"][k], err_msg=k)
+    assert np.any(runs["default"]["float32_mu"] != 0)
