@@ -630,6 +630,7 @@ class SlidingEngine:
         self._staging: list[list[PinnedBuffer]] = []  # [micro-batch][device]
         self._staging_guard: Any = None  # the last computation that read the staging buffers
         self._pending_embed: tuple | None = None
+        self._rows_first: np.ndarray | None = None  # the token ids whose rows the last update did first
         self._embed_job: tuple | None = None
         self._row_grads: list[RowGradient | None] = [None, None]
 
@@ -1032,8 +1033,12 @@ class SlidingEngine:
                 x = self.fns.embed_lookup(ws, firsts, self._put_rows(ids[mb]))
                 acts.dev[mb] = x
             return acts
+        # The rows updated first are those of the ids the last step was told come next; ids that
+        # bring others wait for the whole table's update.
+        first = self._rows_first
+        whole = first is not None and not np.isin(ids, first).all()
         for u in units:
-            self.rows_ready[u.name].wait()
+            (self.ready if whole else self.rows_ready)[u.name].wait()
         self.worker.check()
         tables = []
         for u in units:
@@ -1480,6 +1485,7 @@ class SlidingEngine:
         self._pending_embed = None
         tied = self.cfg.tie_word_embeddings
         need = None if next_ids is None else np.unique(next_ids.reshape(-1))
+        self._rows_first = need if getattr(self.opt, "supports_rows", False) else None
 
         for u in self.host.embed_units:
             a, b = u.rows

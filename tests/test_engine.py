@@ -73,7 +73,7 @@ def rel_err(a, b) -> float:
 
 
 def run_case(*, tied=False, vocab=97, M=2, prefetch=2, resident=0, clip=0.0, steps=3, packed=True,
-             split=None, opt="adamw", layers=3, seed=0, gpu_update=0, speculative=0):
+             split=None, opt="adamw", layers=3, seed=0, gpu_update=0, speculative=0, wrong_next=False):
     cfg = make_cfg(tied, vocab, layers)
     rng = np.random.default_rng(seed)
     host = HostModel(cfg)
@@ -92,6 +92,8 @@ def run_case(*, tied=False, vocab=97, M=2, prefetch=2, resident=0, clip=0.0, ste
         if split is not None:  # the same tokens, cut into `split` micro-batches
             engine_batch = {k: v.reshape(split, -1, S) for k, v in batch.items()}
         nxt = batches[t + 1]["input_ids"] if t + 1 < len(batches) else None
+        if wrong_next and nxt is not None:  # a caller's wrong promise: other tokens come next
+            nxt = (nxt + 1 + rng.integers(0, vocab - 1, nxt.shape)).astype(np.int32) % vocab
         metrics = engine.step(engine_batch, next_input_ids=nxt)
         ref_params, ref_state, loss, norm = step_ref(ref_params, ref_state, {k: jnp.asarray(v) for k, v in batch.items()})
         assert metrics.loss == pytest.approx(float(loss), rel=1e-5)
@@ -118,6 +120,24 @@ def test_window_sizes(prefetch):
 @pytest.mark.parametrize("split", [1, 2, 4])
 def test_micro_batch_splits_give_the_same_update(split):
     run_case(M=4, split=split, packed=True, clip=1e-3)
+
+
+def test_next_input_ids_that_are_not_the_next_batch(monkeypatch):
+    """`next_input_ids` that the next batch does not keep: the next forward must wait for the
+    whole embedding update, not read rows whose update is still to come. The rest of the table's
+    update is slowed down so that a forward that did not wait would read stale rows."""
+    import time as _time
+
+    opt = adamw()
+    update = opt.update
+
+    def slow_rest(state, master, grad, *args, rows=None, grad_index=None, **kw):
+        if grad_index is not None and rows is None:  # the embedding's rows not done first
+            _time.sleep(0.3)
+        return update(state, master, grad, *args, rows=rows, grad_index=grad_index, **kw)
+
+    monkeypatch.setattr(opt, "update", slow_rest)
+    run_case(wrong_next=True, M=2, steps=3, clip=1e-3)
 
 
 def test_clipping_exact_and_active():
