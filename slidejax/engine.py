@@ -486,7 +486,8 @@ class SlidingEngine:
     """Trains a `HostModel` with a host optimizer, streaming layers through one device.
 
     Args:
-      host: the model's fp32 master weights in host memory (updated in place).
+      host: the model's fp32 master weights in host memory (updated in place, but for committed
+        speculative updates: see `speculative_units`).
       optimizer: a host optimizer (`slidejax.host_optimizer.HostAdamW`, `HostOptax`, ...).
       compute_dtype: dtype of the weights and activations on the device ("bfloat16"; "float32"
         for exactness tests).
@@ -514,7 +515,11 @@ class SlidingEngine:
         second fp32 master and moments in host memory and two compute-dtype copies in pinned
         memory; and a speculative pass moves ~42 B/param through host memory against 26 in place
         (its outputs are written to memory it did not read), while the host is otherwise idle.
-        Needs an optimizer with `update(into=)` (`HostAdamW`) and one process.
+        Needs an optimizer with `update(into=)` (`HostAdamW`) and one process. A commit replaces
+        the unit's master array (`host.units[name].master`) with the other buffer instead of
+        copying into it (a copy would move more memory than the update), so arrays taken from
+        `host` before (`host.tree()`, `Model.params()`) stop following those units' weights:
+        take them again after `sync()`.
       micro_batch: (rows, seq_len) of the micro-batches, when known up front: needed for
         resident_layers="auto", and with it an infeasible `gpu_memory` is refused here, before
         anything is allocated (otherwise at the first step).
@@ -576,6 +581,7 @@ class SlidingEngine:
             attention_impl = "cudnn"  # jax's default is the XLA path, which materialises S x S scores
         self.fns = stage_fns(cfg, self.dtype, loss_impl, attention_impl)
         self.step_count = 0
+        self._step_open = False  # a step began and has not returned (it raised, if one begins now)
         self.gpu_memory = parse_bytes(gpu_memory)
         self._planned: set[tuple] = set()
         self._pinned_checked = 0  # the most micro-batches per step checked against the pinned pool
@@ -933,6 +939,12 @@ class SlidingEngine:
         if n_tokens == 0:
             raise SlidejaxError("a training step has no supervised tokens (all labels are -100)")
         self._check_budget(ids.shape, masked)
+        if self._step_open:
+            # The last step raised part-way: the host tasks it queued (speculative updates,
+            # embedding rows) write into buffers this step reuses; let them finish first.
+            self._step_open = False
+            self.worker.join()
+        self._step_open = True
         self._flush_embed_update(ids)
         self.worker.check()
         self._sq_norms: dict[str, Any] = {}
@@ -958,6 +970,7 @@ class SlidingEngine:
             self._scale = clip / n_tokens
         self._release_updates(next_input_ids)
         self.step_count += 1
+        self._step_open = False
         return StepMetrics(loss=loss, grad_norm=norm, tokens=n_tokens, positions=int(ids.size),
                            clip_scale=clip, seconds=time.perf_counter() - t0)
 

@@ -485,6 +485,10 @@ class HostAdamW:
         if not 0 <= decay_split <= n:
             raise ValueError(f"decay_split: {decay_split} not in [0, {n}]")
         row_mode = rows is not None or grad_index is not None or state.rows_done is not None
+        if row_mode and not np.isfinite(grad_scale) and len(state.shape) == 2:
+            # 0 x inf or nan is nan: rows without a gradient get nan moments too (as in optax),
+            # so none may take the zero-moment shortcut, and none has zero moments after it.
+            state.zero_rows = np.zeros(state.shape[0], bool)
         if row_mode:
             spans, done_rows, g = self._row_spans(state, grad, rows, grad_index)
         else:

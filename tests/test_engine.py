@@ -509,6 +509,65 @@ def test_speculative_updates_are_exact_whether_committed_redone_or_skipped(monke
             np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name} {key}")
 
 
+def test_a_step_that_raised_leaves_nothing_behind_for_the_next(monkeypatch):
+    """A step that raises mid-backward while the host worker is busy leaves queued host tasks (a
+    speculative update of its gradient, its embedding rows). The next step, on another batch,
+    must give exactly what it gives when the failed attempt never ran: no leftover may write into
+    the buffers it reuses. (The retry's own speculation is made to start after its backward, so a
+    leftover's write would be committed as the retry's.)"""
+    import threading
+
+    cfg = make_cfg(False, 97, layers=2)
+    params = init_params(cfg, seed=int(np.random.default_rng().integers(1 << 30)))
+    rng = np.random.default_rng()
+    first, failing, retry = (random_batch(rng, 97, 2, True) for _ in range(3))
+
+    def engine() -> SlidingEngine:
+        host = HostModel(cfg)
+        host.load_tree(params)
+        return SlidingEngine(host, adamw(), compute_dtype="float32", max_grad_norm=1e3, speculative_units=1)
+
+    want = engine()
+    want.step(first)
+    want.step(retry)
+    want.sync()
+
+    got = engine()
+    got.step(first)
+    got.sync()
+    gate = threading.Event()  # the worker stays busy until the retry's backward ends (or 3 s pass)
+    got.worker.submit((got.step_count - 1, 99), "busy", lambda: gate.wait(3.0), threading.Event())
+    finish, speculate, embedding = (SlidingEngine._finish_unit, SlidingEngine._speculate,
+                                    SlidingEngine._embedding_gradient)
+
+    def fail_at_norm(self, name, acc, tied_done=False):
+        if name == "norm":
+            raise RuntimeError("injected")
+        return finish(self, name, acc, tied_done)
+
+    monkeypatch.setattr(SlidingEngine, "_finish_unit", fail_at_norm)
+    with pytest.raises(RuntimeError, match="injected"):
+        got.step(failing)
+    monkeypatch.setattr(SlidingEngine, "_finish_unit", finish)
+
+    def late(self, name, grad, retired):
+        self._outcome["scale"] = -1.0  # the retry's own speculation: skipped
+        speculate(self, name, grad, retired)
+
+    def open_gate(self):
+        gate.set()
+        return embedding(self)
+
+    monkeypatch.setattr(SlidingEngine, "_speculate", late)
+    monkeypatch.setattr(SlidingEngine, "_embedding_gradient", open_gate)
+    got.step(retry)
+    got.sync()
+    for name, unit in got.host.units.items():
+        np.testing.assert_array_equal(unit.master, want.host.units[name].master, err_msg=name)
+    got.close()
+    want.close()
+
+
 def test_speculation_crossing_the_threshold_between_steps_and_its_refusals(monkeypatch):
     """A threshold the norm crosses between steps (some steps committed, some redone) stays
     exact; no clipping means nothing to speculate; the generic optax path is refused with one

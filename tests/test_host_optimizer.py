@@ -405,6 +405,31 @@ def test_rows_that_never_had_a_gradient_skip_their_moments_exactly(moment_dtype,
     assert not _bits(sparse_s.mu.reshape(vocab, hidden)[expect]).any()
 
 
+@pytest.mark.parametrize("scale", [float("nan"), float("inf")])
+def test_rows_without_a_gradient_under_a_non_finite_scale_equal_the_dense_update(scale):
+    """A nan or inf gradient scale (clipping after a non-finite global norm) turns the zero
+    gradient of rows that never had one into nan, as the dense update does: their moments become
+    nan too, not kept at zero by the zero-moment shortcut; and a later finite step stays equal."""
+    rng = np.random.default_rng()
+    rows, cols = 8, 16
+    opt = HostAdamW(1e-2, weight_decay=0.1, threads=1)
+    start = rng.standard_normal((rows, cols)).astype(np.float32)
+    sparse, dense = start.copy(), start.copy()
+    s_state, d_state = opt.init(sparse), opt.init(dense)
+    for step_scale in (0.5, scale, 0.25):
+        touched = rng.choice(rows, 2, replace=False)
+        values = rng.standard_normal((2, cols)).astype(np.float32)
+        index = np.full(rows, -1, np.int32)
+        index[touched] = [0, 1]
+        full = np.zeros((rows, cols), np.float32)
+        full[touched] = values
+        opt.update(s_state, sparse, values, None, decay_split=rows * cols, grad_scale=step_scale, grad_index=index)
+        opt.update(d_state, dense, full, None, decay_split=rows * cols, grad_scale=step_scale)
+        for a, b in ((sparse, dense), (s_state.mu, d_state.mu), (s_state.nu, d_state.nu)):
+            assert a.tobytes() == b.tobytes()
+    assert not np.isfinite(s_state.mu).any()  # every row went through the non-finite step
+
+
 def test_row_split_counts_one_step_and_rejects_misuse():
     rng = np.random.default_rng(7)
     vocab, hidden = 20, 16
