@@ -151,8 +151,11 @@ class HostWorker:
         self._thread.start()
 
     def submit(self, priority: tuple[int, int], name: str, fn: Callable[[], None], done: threading.Event,
-               waits_for: Any = None) -> None:
-        self.check()
+               waits_for: Any = None, check: bool = True) -> None:
+        """Queue `fn`; `done` is set when it has run, or been skipped after an earlier task's
+        error. `check`: first raise such an error here (else the next `check` raises it)."""
+        if check:
+            self.check()
         done.clear()
         with self._cond:
             self._tasks.append((priority, next(self._seq), name, fn, done, waits_for))
@@ -1494,6 +1497,10 @@ class SlidingEngine:
         layer's update."""
         if self._pending_embed is None:
             return
+        # A host task's error is raised before the update is taken from `_pending_embed`: once
+        # it is, every submit below must go through, or the events the forward waits on would
+        # never be set (a task queued after an error is skipped, and sets them).
+        self.worker.check()
         rowgrad, dxs, head_grads, scale, step = self._pending_embed
         self._pending_embed = None
         tied = self.cfg.tie_word_embeddings
@@ -1528,12 +1535,14 @@ class SlidingEngine:
             if need is not None and getattr(self.opt, "supports_rows", False):
                 local = need[(need >= a) & (need < b)] - a
                 self.worker.submit((step, 0), f"update {u.name} (next rows)", lambda update=update, r=local: update(r),
-                                   self.rows_ready[u.name])
+                                   self.rows_ready[u.name], check=False)
                 self.worker.submit((step, self.L + 3), f"update {u.name}", lambda update=update: update(None),
-                                   self.ready[u.name])
+                                   self.ready[u.name], check=False)
             else:
-                self.worker.submit((step, 0), f"update {u.name}", lambda update=update: update(None), self.ready[u.name])
-                self.worker.submit((step, 0), f"{u.name} ready", lambda: None, self.rows_ready[u.name])
+                self.worker.submit((step, 0), f"update {u.name}", lambda update=update: update(None),
+                                   self.ready[u.name], check=False)
+                self.worker.submit((step, 0), f"{u.name} ready", lambda: None, self.rows_ready[u.name],
+                                   check=False)
 
     def sync(self) -> None:
         """Finish every pending update and copy device-held masters to the host (before reading

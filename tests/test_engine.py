@@ -568,6 +568,41 @@ def test_a_step_that_raised_leaves_nothing_behind_for_the_next(monkeypatch):
     want.close()
 
 
+def test_a_host_task_error_is_raised_and_the_next_step_does_not_hang():
+    """An error in a host task (an update) is raised in the driver; the step after that one must
+    not wait forever for embedding rows whose update the failed step never queued."""
+    import threading
+
+    cfg = make_cfg(False, 97, layers=2)
+    host = HostModel(cfg)
+    host.load_tree(init_params(cfg, seed=int(np.random.default_rng().integers(1 << 30))))
+    engine = SlidingEngine(host, adamw(), compute_dtype="float32", max_grad_norm=1.0)
+    rng = np.random.default_rng()
+    engine.step(random_batch(rng, 97, 2, True))  # its embedding update waits for the next step
+
+    def boom():
+        raise RuntimeError("boom")
+
+    ran = threading.Event()
+    engine.worker.submit((engine.step_count - 1, -5), "boom", boom, ran)
+    assert ran.wait(30)
+    with pytest.raises(RuntimeError, match="boom"):
+        engine.step(random_batch(rng, 97, 2, True))
+    outcome = []
+
+    def next_step():
+        try:
+            outcome.append(engine.step(random_batch(rng, 97, 2, True)).loss)
+        except Exception as e:  # noqa: BLE001 - only whether it returns matters here
+            outcome.append(e)
+
+    thread = threading.Thread(target=next_step, daemon=True)
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive(), "the step after a host error hangs"
+    assert outcome and np.isfinite(outcome[0])
+
+
 def test_speculation_crossing_the_threshold_between_steps_and_its_refusals(monkeypatch):
     """A threshold the norm crosses between steps (some steps committed, some redone) stays
     exact; no clipping means nothing to speculate; the generic optax path is refused with one
