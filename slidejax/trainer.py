@@ -323,7 +323,9 @@ def _toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return json.dumps(str(v))  # a TOML basic string is a JSON string
+    # A TOML basic string is a JSON string, but for \uXXXX surrogate pairs (characters beyond
+    # the BMP), which TOML rejects: those stay literal.
+    return json.dumps(str(v), ensure_ascii=False)
 
 
 def read_toml(path: str | os.PathLike) -> dict[str, Any]:
@@ -526,7 +528,7 @@ def _prompt_completion_examples(paths: Sequence[str], limit: int) -> tuple[list[
     """The first `limit` prompt/completion pairs of JSONL files (already validated by the loader)."""
     prompts, refs = [], []
     for p in paths:
-        with open(p, encoding="utf-8") as f:
+        with open(p, encoding="utf-8-sig") as f:  # as the loader, which accepts a byte-order mark
             for line in f:
                 if len(prompts) >= limit:
                     return prompts, refs
@@ -798,7 +800,8 @@ class Trainer:
         def create() -> None:
             check_run_dir(run, resuming=self._resumed_from is not None)
             ckdir = run / "checkpoints"
-            (run / "config.toml").write_text(self.config.to_toml(), encoding="utf-8")
+            # The run's settings, not how this process started (a resume is not one of them).
+            (run / "config.toml").write_text(self.config.replace(resume=None).to_toml(), encoding="utf-8")
             self._save_model_files(run / "model")
             self._ckpt = self._ckpt or Checkpointer(ckdir, keep_last=self.config.keep_last, snapshot=self._snapshot)
             self._logger = MetricsLogger(run)
@@ -946,10 +949,14 @@ class Trainer:
             where = str(reader.path(step))
             saved = ModelConfig.from_hf_dict(meta["model_config"], source=where)
             _check_same_model(saved, self.model.config, where)
-            if self.total_steps is None:
-                self.total_steps = meta.get("total_steps")
             if self._train is None and self._data_paths(None, "train") is not None:
                 self.set_train_data()
+            if self.total_steps is None:
+                # The saved count, unless the run is resumed to train a different number of
+                # epochs: then the count (and the schedule over it) for the new number.
+                saved_epochs = (meta.get("train_config") or {}).get("epochs")
+                changed = self.config.epochs is not None and self.config.epochs != saved_epochs
+                self.total_steps = (self._count_total() if changed else None) or meta.get("total_steps")
             if meta.get("data") is not None and hasattr(self._train, "load_state_dict"):
                 self._train.load_state_dict(meta["data"])  # checks the data is the same, before any allocation
             elif meta.get("data") is not None:

@@ -359,6 +359,47 @@ def test_epochs_count_the_steps_and_overlong_documents_are_counted(tmp_path, cap
     assert summary["eval"] is None  # the preset's eval data is not used for other data
 
 
+def test_resume_with_more_epochs_recounts_the_steps(tmp_path):
+    """An epoch-based run resumed with a larger `epochs` trains the new count (and its schedule);
+    resumed as it was, it keeps the saved count."""
+    rng = np.random.default_rng()
+    data = write_jsonl(tmp_path / "d.jsonl", sort_rows(rng, 24))
+    config = small(epochs=1, output_dir=str(tmp_path), run_name="a", data=[str(data)], lr=1e-3)
+    first = Trainer(tiny_model(), config=config)
+    one_epoch = first.fit()["step"]
+    first.close()
+    again = Trainer.restore(tmp_path / "a")
+    assert again.total_steps == one_epoch
+    again.close()
+    more = Trainer.restore(tmp_path / "a", epochs=3, resume=str(tmp_path / "a"))  # as the CLI sets it
+    three = DataLoader(str(data), more.tokenizer, seq_len=32, micro_batch_size=2, micro_batches_per_step=2,
+                       num_epochs=3, seed=0).count_steps()
+    assert three > one_epoch and more.total_steps == three
+    assert more.fit()["step"] == three
+    more.close()
+    settings = read_toml(tmp_path / "a" / "config.toml")  # the run's settings, not the resume
+    assert settings["epochs"] == 3 and "resume" not in settings
+
+
+def test_task_examples_read_an_eval_file_with_a_byte_order_mark(tmp_path):
+    """The task metric reads prompt/completion eval files as the loader does, BOM included."""
+    from slidejax.trainer import _prompt_completion_examples
+
+    rows = sort_rows(np.random.default_rng(), 3)
+    path = tmp_path / "eval.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    prompts, refs = _prompt_completion_examples([str(path)], 8)
+    assert prompts == [r["prompt"] for r in rows] and refs == [r["completion"] for r in rows]
+
+
+def test_config_toml_with_characters_beyond_the_bmp_reads_back(tmp_path):
+    c = small(data=[str(tmp_path / "daten_\U0001F600.jsonl")], run_name="r\u00e9")
+    path = tmp_path / "config.toml"
+    path.write_text(c.to_toml(), encoding="utf-8")
+    back = read_toml(path)
+    assert back["data"] == c.data and back["run_name"] == c.run_name
+
+
 # ----------------------------------------------------------------------------------------------
 # FLOPs and memory
 
