@@ -566,17 +566,28 @@ class DataLoader:
 
     def count_steps(self) -> int:
         """Steps a fresh run of this loader yields in its ``num_epochs`` passes (e.g. for an LR
-        schedule). Exact, and as costly as reading and tokenizing the data that many times."""
+        schedule), not counting batches without a supervised token (which training skips).
+        Exact, and as costly as reading and tokenizing the data that many times."""
         if self.num_epochs is None:
             raise SlidejaxError("count_steps needs a loader with num_epochs set (it would run forever)")
         fresh = copy.copy(self)  # shares the file index and encoder, which are read-only
         fresh._handles = {}
         fresh.rewind()
         fresh._warned = True  # this loader warns about truncation when it trains, not the count
+        row = [np.zeros(self.seq_len, np.int32) for _ in range(4)]  # ids, labels, segments, positions
+
+        def supervised(rows: list[list[_Doc]]) -> bool:
+            for docs in rows:
+                row[1].fill(IGNORE)
+                _write_row(docs, self.seq_len, *row)
+                if np.any(row[1] != IGNORE):
+                    return True
+            return False
+
         try:
             n = 0
-            while fresh._next_rows():
-                n += 1
+            while rows := fresh._next_rows():
+                n += supervised(rows)
             return n
         finally:
             fresh.close()

@@ -305,6 +305,23 @@ def test_packing_covers_each_document_once_and_fills_rows(tmp_path):
         next(dl)
 
 
+def test_count_steps_leaves_out_batches_without_a_supervised_token(tok, tmp_path):
+    """Training skips a batch whose labels are all -100 (prompts that fill the row, so no
+    completion token fits); the step count a schedule is built on must skip it too."""
+    rng = random.Random()
+    short = [{"prompt": words(rng, 1, 3), "completion": " " + words(rng, 1, 3)} for _ in range(8)]
+    long = [{"prompt": words(rng, 60, 80), "completion": " " + words(rng)} for _ in range(4)]
+    path = write_jsonl(tmp_path / "pc.jsonl", short + long)
+    dl = DataLoader(path, tok, seq_len=32, micro_batch_size=2, micro_batches_per_step=2, shuffle=False,
+                    num_epochs=1, on_overlong="truncate")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the truncation warning
+        batches = list(dl)
+    trained = sum(bool(np.any(b.labels != IGNORE)) for b in batches)
+    assert trained < len(batches)  # the data does have a batch that training skips
+    assert dl.count_steps() == trained
+
+
 def test_packing_is_oldest_first_then_first_fit(tmp_path):
     rng = np.random.default_rng(27)
     lengths = [6, 12, 10, 4, 16, 3]
