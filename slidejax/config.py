@@ -170,7 +170,7 @@ class ModelConfig:
 
         window = None
         if model_type == "mistral":
-            window = d.get("sliding_window")
+            window = d.get("sliding_window", 4096)  # transformers' default when the key is absent
         elif d.get("use_sliding_window"):
             # transformers 4 configs have no layer_types: layers from max_window_layers on slide
             layer_types = d.get("layer_types") or [
@@ -185,7 +185,9 @@ class ModelConfig:
                 )
         if window:
             window = number("sliding_window", window, int)
-        bias = bool(d.get("attention_bias", False))
+        # The biases each transformers class builds: Llama both switches, Qwen3 the attention
+        # one, Qwen2 q/k/v always, Mistral none (its class ignores the switches).
+        bias = bool(d.get("attention_bias", False)) and model_type in ("llama", "qwen3")
         return cls(
             model_type=model_type,
             vocab_size=size("vocab_size"),
@@ -203,7 +205,7 @@ class ModelConfig:
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             qkv_bias=True if model_type == "qwen2" else bias,
             o_bias=False if model_type == "qwen2" else bias,
-            mlp_bias=bool(d.get("mlp_bias", False)),
+            mlp_bias=bool(d.get("mlp_bias", False)) and model_type == "llama",
             qk_norm=model_type == "qwen3",
             sliding_window=int(window) if window else None,
             hf_config=dict(d),
@@ -227,7 +229,9 @@ class ModelConfig:
         return cls.from_hf_dict(d, source=str(file))
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """A config.json dict that transformers loads back into the same architecture."""
+        """A config.json dict that transformers loads back into the same architecture: the config
+        as read, with every field that shapes the computation written from this one."""
+        self._check_hf_expressible()
         d = dict(self.hf_config)
         d.update(
             model_type=self.model_type,
@@ -244,9 +248,44 @@ class ModelConfig:
         )
         if not d.get("architectures"):
             d["architectures"] = [_ARCHITECTURES[self.model_type]]
-        if "rope_parameters" not in d and "rope_theta" not in d:
-            d["rope_theta"] = self.rope_theta
+        # RoPE in both spellings (transformers 5 reads rope_parameters, 4 rope_theta and
+        # rope_scaling), the same settings in each.
+        params = {k: int(v) if k == "original_max_position_embeddings" else v for k, v in self.rope_params}
+        d["rope_theta"] = self.rope_theta
+        d["rope_parameters"] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **params}
+        d["rope_scaling"] = None if self.rope_type == "default" else {"rope_type": self.rope_type, **params}
+        if self.model_type in ("llama", "qwen3"):
+            d["attention_bias"] = self.qkv_bias
+        if self.model_type == "llama":
+            d["mlp_bias"] = self.mlp_bias
+        if self.model_type == "mistral":
+            d["sliding_window"] = self.sliding_window
+        else:
+            sliding = self.sliding_window is not None
+            d["use_sliding_window"] = sliding
+            d["sliding_window"] = self.sliding_window
+            d["max_window_layers"] = 0 if sliding else self.num_layers  # layers from this one on slide
+            d["layer_types"] = ["sliding_attention" if sliding else "full_attention"] * self.num_layers
         return d
+
+    def _check_hf_expressible(self) -> None:
+        """Refuse a config (built directly) that no transformers class of its model_type computes."""
+        t = self.model_type
+        want = {"llama": None, "qwen3": None, "qwen2": (True, False), "mistral": (False, False)}[t]
+        bad = []
+        if want is None and self.qkv_bias != self.o_bias:
+            bad.append("q/k/v and o_proj biases that differ")
+        if want is not None and (self.qkv_bias, self.o_bias) != want:
+            bad.append(f"qkv_bias={self.qkv_bias}, o_bias={self.o_bias}")
+        if self.mlp_bias and t != "llama":
+            bad.append("MLP biases")
+        if self.qk_norm != (t == "qwen3"):
+            bad.append(f"qk_norm={self.qk_norm}")
+        if self.sliding_window is not None and t == "llama":
+            bad.append("a sliding window")
+        if bad:
+            raise SlidejaxError(f"a {t} model in transformers has no {', '.join(bad)}: this config "
+                                "cannot be written as a Hugging Face config.json")
 
 
 _ARCHITECTURES = {

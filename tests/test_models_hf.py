@@ -451,3 +451,51 @@ def test_gpu_cudnn_attention_matches_xla(name):
         cudnn = jax.jit(LayerFn(cfg, "cudnn").__call__)(w, x, p, sg)
         real = np.ones((2, s), bool) if sg is None else sg > 0
         assert rel_err(np.asarray(cudnn, np.float32)[real], np.asarray(xla, np.float32)[real]) < 2e-2
+
+
+_BUILT = {
+    "llama3-rope-biases": ModelConfig(model_type="llama", vocab_size=301, hidden_size=64, intermediate_size=96,
+                                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=5e5,
+                                      rope_type="llama3", rope_params=tuple(sorted(
+                                          (k, float(v)) for k, v in _LLAMA3_ROPE.items() if k not in
+                                          ("rope_type", "rope_theta"))),
+                                      qkv_bias=True, o_bias=True, mlp_bias=True),
+    "qwen3-bias-window": ModelConfig(model_type="qwen3", vocab_size=257, hidden_size=64, intermediate_size=96,
+                                     num_layers=2, num_heads=4, num_kv_heads=1, head_dim=32, qkv_bias=True,
+                                     o_bias=True, qk_norm=True, sliding_window=8),
+    "qwen2-linear-window": ModelConfig(model_type="qwen2", vocab_size=257, hidden_size=64, intermediate_size=96,
+                                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rope_type="linear",
+                                       rope_params=(("factor", 4.0),), qkv_bias=True, sliding_window=8,
+                                       tie_word_embeddings=True),
+    "mistral-no-window": ModelConfig(model_type="mistral", vocab_size=257, hidden_size=64, intermediate_size=96,
+                                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
+}
+
+
+@pytest.mark.parametrize("name", list(_BUILT))
+def test_a_config_built_in_slidejax_exports_the_model_it_computes(name, tmp_path):
+    """A `ModelConfig` made in code (no config.json behind it: RoPE scaling, biases, windows)
+    is written so that transformers rebuilds the same model, and reads back equal."""
+    cfg = _BUILT[name]
+    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+    model = slidejax.from_config(cfg, dtype="float32", seed=int(np.random.default_rng().integers(1 << 30)))
+    rng = np.random.default_rng()
+    for leaf in jax.tree.leaves(model.params()):  # biases and norms away from their 0 / 1 init
+        leaf[...] += 0.1 * rng.standard_normal(leaf.shape).astype(np.float32)
+    ids = rng.integers(0, cfg.vocab_size, (BATCH, SEQ))
+    out = model.save_pretrained(tmp_path / "hf", dtype="float32")
+    back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert rel_err(torch_logits(back, ids), model.logits(ids)) < TOL
+
+
+def test_configs_transformers_cannot_express_are_refused_and_mistral_defaults_its_window():
+    base = _BUILT["mistral-no-window"]
+    for change in (dict(qkv_bias=True), dict(mlp_bias=True), dict(qk_norm=True)):
+        with pytest.raises(slidejax.SlidejaxError, match="cannot be written"):
+            base.replace(**change).to_hf_dict()
+    with pytest.raises(slidejax.SlidejaxError, match="cannot be written"):
+        _BUILT["llama3-rope-biases"].replace(o_bias=False).to_hf_dict()
+    d = base.to_hf_dict()
+    assert "sliding_window" in d and d["sliding_window"] is None
+    del d["sliding_window"]  # a config.json without the key: transformers' default window
+    assert ModelConfig.from_hf_dict(d).sliding_window == transformers.MistralConfig().sliding_window == 4096
