@@ -145,9 +145,10 @@ class ModelConfig:
                                 f"num_key_value_heads {kv_heads}")
         if head_dim % 2:
             raise SlidejaxError(f"{source}: head_dim {head_dim} is odd; RoPE needs an even head_dim")
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        if not isinstance(rope, dict):
+        v5, v4 = d.get("rope_parameters") or {}, d.get("rope_scaling") or {}
+        if not isinstance(v5, dict) or not isinstance(v4, dict):
             raise SlidejaxError(f"{source}: field 'rope_parameters' / 'rope_scaling' must be an object")
+        rope = v4 or v5  # transformers 5 takes rope_scaling, when given, in place of rope_parameters
         rope_theta = number("rope_theta", rope.get("rope_theta", d.get("rope_theta", 10000.0)))
         rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
         if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -171,7 +172,7 @@ class ModelConfig:
         window = None
         if model_type == "mistral":
             window = d.get("sliding_window", 4096)  # transformers' default when the key is absent
-        elif d.get("use_sliding_window"):
+        elif d.get("use_sliding_window") and d.get("sliding_window"):  # no window size: full attention
             # transformers 4 configs have no layer_types: layers from max_window_layers on slide
             layer_types = d.get("layer_types") or [
                 "sliding_attention" if i >= d.get("max_window_layers", 28) else "full_attention"

@@ -349,6 +349,10 @@ def test_qwen2_sliding_window_config(max_window_layers, window, spelling):
             ModelConfig.from_hf_dict(d)
     else:
         assert ModelConfig.from_hf_dict(d).sliding_window == window
+    # With no window size, transformers attends fully in every layer, whatever the layer kinds.
+    d["sliding_window"] = None
+    assert ModelConfig.from_hf_dict(d).sliding_window is None
+    assert transformers.Qwen2Config(**{k: v for k, v in d.items() if k != "layer_types"}).sliding_window is None
 
 
 def test_bf16_compute_is_as_close_as_transformers_bf16(tmp_path):
@@ -365,9 +369,10 @@ def test_bf16_compute_is_as_close_as_transformers_bf16(tmp_path):
     assert 1e-3 < rel_err(got, exact) < 2 * torch_bf16, (rel_err(got, exact), torch_bf16)
 
 
-@pytest.mark.parametrize("spelling", ["v4", "v5"])
+@pytest.mark.parametrize("spelling", ["v4", "v5", "both"])
 def test_llama31_config_spellings(spelling):
-    """A real Llama-3.1-8B config.json (transformers 4 spelling) and its transformers 5 form."""
+    """A real Llama-3.1-8B config.json (transformers 4 spelling), its transformers 5 form, and a
+    config with both keys, where transformers takes the scaling from rope_scaling."""
     d = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
          "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
          "max_position_embeddings": 131072, "tie_word_embeddings": False}
@@ -375,8 +380,12 @@ def test_llama31_config_spellings(spelling):
                "original_max_position_embeddings": 8192}
     if spelling == "v4":
         d.update(rope_theta=500000.0, rope_scaling=dict(scaling, rope_type="llama3"))
-    else:
+    elif spelling == "v5":
         d.update(rope_parameters=dict(scaling, rope_type="llama3", rope_theta=500000.0))
+    else:
+        d.update(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rope_theta=500000.0,
+                 rope_scaling=dict(scaling, rope_type="llama3"))
+        assert transformers.LlamaConfig(**d).rope_parameters["rope_type"] == "llama3"
     cfg = ModelConfig.from_hf_dict(d)
     assert (cfg.rope_type, cfg.rope_theta, cfg.head_dim) == ("llama3", 500000.0, 128)
     assert cfg.num_params == 8_030_261_248  # Llama-3.1-8B's published count
