@@ -11,10 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 
+import ml_dtypes
 import numba
 import numpy as np
 
 from slidejax.fused_adamw import _rne_like
+
+_BF16 = np.dtype(ml_dtypes.bfloat16)
 
 # The driver thread gathers and sums embedding rows while the host optimizer's threads update
 # other units; a few threads are enough for these memcpy-like passes and leave it the cores.
@@ -57,8 +60,10 @@ def gather_rows(tables: list[tuple[int, np.ndarray]], ids: np.ndarray, out: np.n
     are rounded to nearest even, the bits a bf16 copy of the table would hold (so an untied
     embedding needs no bf16 copy of the whole table in host memory).
     """
+    if out.dtype not in (_BF16, np.dtype(np.float32)):
+        raise TypeError(f"gather_rows: out must be bfloat16 or float32, not {out.dtype}")
     ids = ids.reshape(-1)
-    view = np.uint16 if out.dtype.itemsize == 2 else np.uint32
+    view = np.uint16 if out.dtype == _BF16 else np.uint32
     out2 = out.reshape(ids.shape[0], -1).view(view)
     with _few_threads():
         for first, block in tables:
@@ -154,11 +159,13 @@ class RowGradient:
         targets, order, starts = self._groups[mb]
         if src.dtype == np.float32:
             _segment_add(src, targets, order, starts, self.values)
-        else:  # bfloat16, summed in fp32 from its bits
+        elif src.dtype == _BF16:  # summed in fp32 from its bits
             _segment_add_bf16(src.view(np.uint16), targets, order, starts, self.values)
+        else:
+            raise TypeError(f"RowGradient.add: gradients must be bfloat16 or float32, not {src.dtype}")
 
     def accumulate(self, grads: list[np.ndarray]) -> np.ndarray:
-        """Sum every micro-batch's per-token gradients (in token order, any float dtype) into fp32
+        """Sum every micro-batch's per-token gradients (in token order, bf16 or fp32) into fp32
         rows, with a few threads (the caller's thread shares the cores with the host optimizer)."""
         with _few_threads():
             for mb, g in enumerate(grads):

@@ -554,8 +554,10 @@ class SlidingEngine:
             raise SlidejaxError(f"prefetch must be >= 1, got {prefetch}")
         cfg = host.cfg
         self.host, self.cfg, self.opt = host, cfg, optimizer
-        self.dtype = jnp.dtype(numpy_dtype(compute_dtype))
         self.np_dtype = numpy_dtype(compute_dtype)
+        if self.np_dtype not in (np.dtype(np.float32), numpy_dtype("bfloat16")):
+            raise SlidejaxError(f"compute_dtype must be bfloat16 or float32, not {self.np_dtype}")
+        self.dtype = jnp.dtype(self.np_dtype)
         self.prefetch = prefetch
         self.max_grad_norm = float(max_grad_norm)
         self.devices = list(devices) if devices else [device or jax.devices()[0]]

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from slidejax.errors import SlidejaxError
+
 if TYPE_CHECKING:
     from slidejax.config import ModelConfig
 
@@ -269,15 +271,26 @@ class HostModel:
         return t
 
     def load_tree(self, tree: dict[str, Any]) -> None:
-        """Copy a tree shaped like `tree()` into the master buffers."""
-        self.write_tensor([(u, "weight") for u in self.embed_units], np.asarray(tree["embed"], np.float32))
+        """Copy a tree shaped like `tree()` into the master buffers (every array's shape checked:
+        a transposed matrix has the right size too)."""
+
+        def array(value: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
+            a = np.asarray(value, np.float32)
+            if a.shape != tuple(shape):
+                raise SlidejaxError(f"load_tree: {name} has shape {list(a.shape)}, the model needs {list(shape)}")
+            return a
+
+        vocab = (self.cfg.vocab_size, self.cfg.hidden_size)
+        self.write_tensor([(u, "weight") for u in self.embed_units], array(tree["embed"], vocab, "embed"))
         if not self.cfg.tie_word_embeddings:
-            self.write_tensor([(u, "weight") for u in self.head_units], np.asarray(tree["lm_head"], np.float32))
-        self.units["norm"].master[:] = np.asarray(tree["norm"], np.float32).reshape(-1)
+            self.write_tensor([(u, "weight") for u in self.head_units], array(tree["lm_head"], vocab, "lm_head"))
+        self.units["norm"].master[:] = array(tree["norm"], (self.cfg.hidden_size,), "norm").reshape(-1)
+        if len(tree["layers"]) != self.cfg.num_layers:
+            raise SlidejaxError(f"load_tree: {len(tree['layers'])} layers, the model has {self.cfg.num_layers}")
         for i, src in enumerate(tree["layers"]):
             unit = self.layer_unit(i)
-            for n in unit.layout.names:
-                unit.layout.fill(unit.master, n, np.asarray(src[n], np.float32))
+            for n, shape in zip(unit.layout.names, unit.layout.shapes):
+                unit.layout.fill(unit.master, n, array(src[n], shape, f"layers[{i}].{n}"))
 
     @property
     def nbytes(self) -> int:

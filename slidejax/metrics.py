@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 
 from slidejax.config import ModelConfig
@@ -143,8 +144,9 @@ class MetricsLogger:
         if self._tb is not None:
             kind = record.get("kind", "train")
             keys = _TB_TRAIN if kind == "train" else [k for k in record if k not in ("step", "kind", "time")]
-            values = {f"{kind}/{k}": record[k] for k in keys
-                      if isinstance(record.get(k), (int, float)) and math.isfinite(record[k])}
+            numbers = {k: float(record[k]) for k in keys  # numpy scalars too
+                       if isinstance(record.get(k), (int, float, np.integer, np.floating))}
+            values = {f"{kind}/{k}": v for k, v in numbers.items() if math.isfinite(v)}
             if values:
                 self._tb.scalars(int(record["step"]), values, record.get("time", time.time()))
 

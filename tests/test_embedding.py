@@ -74,3 +74,17 @@ def test_row_gradient_added_as_micro_batches_land():
     want = np.zeros((vocab, hidden))
     np.add.at(want, ids.reshape(-1), np.concatenate([g.reshape(-1, hidden) for g in grads]))
     np.testing.assert_allclose(rg.values, want[rg.rows], rtol=1e-5, atol=1e-5)
+
+
+def test_other_dtypes_are_refused_not_misread():
+    """float16 (or float64) gradients and a float16 gather target are refused: they were read as
+    bf16 bit patterns."""
+    rng = np.random.default_rng()
+    ids = rng.integers(0, 10, (2, 6))
+    rg = RowGradient(ids)
+    for dtype in (np.float16, np.float64):
+        with pytest.raises(TypeError, match="bfloat16 or float32"):
+            rg.add(0, rng.standard_normal((6, 4)).astype(dtype))
+    table = rng.standard_normal((10, 4)).astype(np.float32)
+    with pytest.raises(TypeError, match="bfloat16 or float32"):
+        gather_rows([(0, table)], ids[0], np.empty((6, 4), np.float16))

@@ -156,3 +156,21 @@ def test_updates_write_the_next_upload_copy_into_the_gradients_buffer(clip):
     engine.sync()
     want = host.units[lost].master.astype(ml_dtypes.bfloat16)
     np.testing.assert_array_equal(engine.upload_buf[lost].host.view(np.uint16), want.view(np.uint16))
+
+
+def test_load_tree_checks_every_shape():
+    """A transposed matrix or a longer embedding has the right size or more; both are refused."""
+    cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=16, intermediate_size=24, num_layers=2,
+                      num_heads=2, num_kv_heads=1, head_dim=8)
+    tree = init_params(cfg, seed=int(np.random.default_rng().integers(1 << 30)))
+    HostModel(cfg).load_tree(tree)
+    bad = dict(tree, layers=[dict(layer) for layer in tree["layers"]])
+    bad["layers"][1]["mlp.up_proj.weight"] = np.asarray(tree["layers"][1]["mlp.up_proj.weight"]).T
+    with pytest.raises(SlidejaxError, match=r"layers\[1\].mlp.up_proj.weight has shape \[16, 24\]"):
+        HostModel(cfg).load_tree(bad)
+    with pytest.raises(SlidejaxError, match="embed has shape"):
+        HostModel(cfg).load_tree(dict(tree, embed=np.zeros((80, 16), np.float32)))
+    with pytest.raises(SlidejaxError, match="1 layers, the model has 2"):
+        HostModel(cfg).load_tree(dict(tree, layers=tree["layers"][:1]))
+    with pytest.raises(SlidejaxError, match="compute_dtype must be bfloat16 or float32"):
+        SlidingEngine(HostModel(cfg), HostAdamW(1e-3), compute_dtype="float16")

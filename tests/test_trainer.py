@@ -264,6 +264,23 @@ def test_tensorboard_events_hold_the_logged_scalars(fitted):
     assert {"train/lr", "train/tokens_per_s", "train/tflops", "eval/exact_match"} <= set(acc.Tags()["scalars"])
 
 
+def test_tensorboard_takes_numpy_scalars(tmp_path):
+    """Records with numpy scalars (a direct API user's values) reach TensorBoard, as in the JSONL."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from slidejax.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path)
+    loss = float(np.random.default_rng().uniform(1, 5))
+    logger.log({"kind": "train", "step": 1, "loss": np.float32(loss), "tokens_per_s": np.int64(100),
+                "grad_norm": 0.5, "lr": 1e-3})
+    logger.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert {"train/loss", "train/tokens_per_s", "train/grad_norm"} <= set(acc.Tags()["scalars"])
+    assert acc.Scalars("train/loss")[0].value == pytest.approx(loss, rel=1e-6)
+
+
 def test_loss_curve_png(fitted):
     _, summary, run = fitted
     png = Path(summary["plot"])
