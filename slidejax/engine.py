@@ -1506,8 +1506,9 @@ class SlidingEngine:
         rowgrad, dxs, head_grads, scale, step = self._pending_embed
         self._pending_embed = None
         tied = self.cfg.tie_word_embeddings
-        need = None if next_ids is None else np.unique(next_ids.reshape(-1))
-        self._rows_first = need if getattr(self.opt, "supports_rows", False) else None
+        rows_first = next_ids is not None and getattr(self.opt, "supports_rows", False)
+        need = np.unique(next_ids.reshape(-1)) if rows_first else None
+        self._rows_first = need
 
         for u in self.host.embed_units:
             a, b = u.rows
@@ -1534,7 +1535,7 @@ class SlidingEngine:
                 self.opt.update(state, master, g, upload, decay_split=u.layout.decay_split,
                                 grad_scale=scale, rows=rows, **kw)
 
-            if need is not None and getattr(self.opt, "supports_rows", False):
+            if need is not None:
                 local = need[(need >= a) & (need < b)] - a
                 self.worker.submit((step, 0), f"update {u.name} (next rows)", lambda update=update, r=local: update(r),
                                    self.rows_ready[u.name], check=False)

@@ -226,11 +226,17 @@ def _adamw_direction(g, m0, v0, hp):
 
 
 @njit(inline="always", **_OPTS)
+def _adamw_weight(u, p0, hp, decay):
+    """The new weight from Adam's direction `u`: decoupled weight decay, then the step."""
+    u = u + hp[8] * p0 if decay else u
+    return p0 + hp[9] * u
+
+
+@njit(inline="always", **_OPTS)
 def _adamw_element(g, p0, m0, v0, hp, decay):
     """One element's AdamW step: the new weight and the unrounded moments."""
     u, mu, nu = _adamw_direction(g, m0, v0, hp)
-    u = u + hp[8] * p0 if decay else u
-    return p0 + hp[9] * u, mu, nu
+    return _adamw_weight(u, p0, hp, decay), mu, nu
 
 
 @njit(inline="always", **_OPTS)
@@ -272,7 +278,7 @@ def adamw_spans(spans, nthreads, decay_split, master, m, v, grad, zeros, upload,
     u += wd p (decayed elements only); p = p + (-lr) u. (XLA sometimes rewrites optax's division
     by the scalar bc into a product with 1/bc: it does for a one-leaf pytree, not for several.)
     """
-    wd, neg_lr, scale = hp[8], hp[9], hp[10]
+    scale = hp[10]
     for s in prange(spans.shape[0]):
         lo = spans[s, 0]
         hi = spans[s, 1]
@@ -293,9 +299,7 @@ def adamw_spans(spans, nthreads, decay_split, master, m, v, grad, zeros, upload,
             zero = np.float32(0.0)
             u0 = _adamw_direction(_to_f32(zeros[0]) * scale, zero, zero, hp)[0]
             for j in range(k):
-                p0 = p_[j]
-                uj = u0 + wd * p0 if j < jd else u0
-                p = p0 + neg_lr * uj
+                p = _adamw_weight(u0, p_[j], hp, j < jd)
                 p_[j] = p
                 if write_upload:
                     u_[j] = _rne_like(p, u_)

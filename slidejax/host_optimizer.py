@@ -399,7 +399,8 @@ class HostAdamW:
             return self._hyper_cache[count]
 
     def _row_spans(
-        self, state: AdamWState, grad: np.ndarray, rows: np.ndarray | None, grad_index: np.ndarray | None
+        self, state: AdamWState, grad: np.ndarray, rows: np.ndarray | None, grad_index: np.ndarray | None,
+        grad_scale: float,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Spans (lo, hi, gstart) of the rows this call updates, the sorted rows, the grad to read."""
         if len(state.shape) != 2:
@@ -436,9 +437,12 @@ class HostAdamW:
             gi = grad_index[rows].astype(np.int64)
             if state.zero_rows is None:
                 state.zero_rows = _zero_rows(state)
-            gstart = np.where(gi >= 0, gi * cols, np.where(state.zero_rows[rows], fa.ZERO_MOMENTS, -1))
+            # Zero moments stay zero under a zero gradient, unless the scale is inf or nan (0 x
+            # inf is nan, as in optax's dense update): then no row takes the shortcut.
+            zero = state.zero_rows[rows] & bool(np.isfinite(grad_scale))
+            gstart = np.where(gi >= 0, gi * cols, np.where(zero, fa.ZERO_MOMENTS, -1))
         if state.zero_rows is not None:
-            state.zero_rows[rows[gstart >= 0]] = False  # their moments are about to change
+            state.zero_rows[rows[gstart != fa.ZERO_MOMENTS]] = False  # their moments may change
         lo = rows * cols
         return np.stack([lo, lo + cols, gstart], axis=1), rows, flat_grad
 
@@ -485,12 +489,8 @@ class HostAdamW:
         if not 0 <= decay_split <= n:
             raise ValueError(f"decay_split: {decay_split} not in [0, {n}]")
         row_mode = rows is not None or grad_index is not None or state.rows_done is not None
-        if row_mode and not np.isfinite(grad_scale) and len(state.shape) == 2:
-            # 0 x inf or nan is nan: rows without a gradient get nan moments too (as in optax),
-            # so none may take the zero-moment shortcut, and none has zero moments after it.
-            state.zero_rows = np.zeros(state.shape[0], bool)
         if row_mode:
-            spans, done_rows, g = self._row_spans(state, grad, rows, grad_index)
+            spans, done_rows, g = self._row_spans(state, grad, rows, grad_index, grad_scale)
         else:
             spans, done_rows, g = self._dense_spans(n), None, _flat(grad, "grad", n, (BF16, F32), writable=False)
             state.zero_rows = None
