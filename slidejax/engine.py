@@ -223,6 +223,14 @@ class HostWorker:
             raise err
 
 
+def _resident_layer_names(count: int) -> set[str]:
+    """The resident decoder layers: the first `count`. Their updates run on the device; with them
+    at the front, the backward's last layers and the next forward's first need no host update, so
+    the host updates of the streamed layers (whose gradients came earlier in the backward) have
+    the end of the backward and the start of the forward to finish in."""
+    return {f"layers.{i}" for i in range(count)}
+
+
 def _spread(count: int, streamed: int) -> list[int]:
     """`count` of layers 0..streamed-1 spread evenly (GPU-updated layers): in forward order the
     host's updates and the device's then alternate."""
@@ -496,7 +504,7 @@ class SlidingEngine:
         for exactness tests).
       prefetch: k, how many layers ahead uploads are issued (>= 1; 2 measured to be needed for
         full overlap). At most k+1 streamed layers' weights are on the device at once.
-      resident_layers: keep the last this-many decoder layers' weights and optimizer state on the
+      resident_layers: keep the first this-many decoder layers' weights and optimizer state on the
         device (updated there by the equivalent optax transformation) instead of streaming them.
         With every layer resident, the embedding, norm and head are resident too: the all-on-GPU
         reference with the same kernels. "auto": as many as the plan (`plan_memory`) fits in
@@ -597,7 +605,7 @@ class SlidingEngine:
             raise SlidejaxError(f"resident_layers must be a number or 'auto', got {resident_layers!r}")
         self.resident_layers = max(0, min(int(resident_layers), self.L))
         self.all_resident = self.resident_layers == self.L
-        self.resident: set[str] = {f"layers.{i}" for i in range(self.L - self.resident_layers, self.L)}
+        self.resident: set[str] = _resident_layer_names(self.resident_layers)
         if self.all_resident:
             self.resident |= set(host.units)
         self.gpu_updated = self._gpu_updated_layers(self._gpu_update_count)
@@ -662,7 +670,7 @@ class SlidingEngine:
         b, s = micro_batch
         H, cd = cfg.hidden_size, self.dtype.itemsize
         units = self.host.units
-        resident = {f"layers.{i}" for i in range(self.L - r, self.L)} | (set(units) if r == self.L else set())
+        resident = _resident_layer_names(r) | (set(units) if r == self.L else set())
         chunk_params = max((u.master.size for u in self.host.head_units), default=0)
         unit_params = max(cfg.layer_params, chunk_params)
         head_names = {u.name for u in self.host.head_units}
@@ -676,7 +684,7 @@ class SlidingEngine:
         grads = unit_params * (4 + 4 + cd)  # fp32 accumulator, its update, the download copy
         # GPU-updated layers: the state of the one being updated and of the next layer if it is
         # one too (uploaded one layer ahead), with the gradient and the new weights.
-        chosen = _spread(self._gpu_update_count, self.L - r) if r < self.L else []
+        chosen = [r + i for i in _spread(self._gpu_update_count, self.L - r)] if r < self.L else []
         in_window = max((sum(i <= j <= i + 1 for j in chosen) for i in range(self.L)), default=0)
         gpu_updated = in_window * cfg.layer_params * (4 + moments + 2 * cd)
 
@@ -821,7 +829,8 @@ class SlidingEngine:
     def _gpu_updated_layers(self, count: int) -> frozenset[str]:
         if count and self.dist is not None:
             raise SlidejaxError("gpu_update_layers is not supported with several processes")
-        return frozenset(f"layers.{i}" for i in _spread(count, self.L - self.resident_layers))
+        r = self.resident_layers
+        return frozenset(f"layers.{r + i}" for i in _spread(count, self.L - r))
 
     def _resident_fns(self, layout: FlatLayout) -> tuple[Callable, Callable]:
         """Jitted optimizer init and update for resident units of one layout: one compile serves
@@ -898,6 +907,11 @@ class SlidingEngine:
                 self.trace.device("upload", name, out)
             return out
         return self._upload_array(self._upload_copy(name).array, name, self.dev_sharding)
+
+    def _uploadable(self, name: str) -> bool:
+        """Whether `_weights(name)` would not wait for a host update (always, with several
+        processes: their uploads are collective, issued in one order everywhere)."""
+        return self.dist is not None or name in self.resident or name in self.gpu_updated or self.ready[name].is_set()
 
     def _update_pending(self, name: str) -> bool:
         return name in self.gpu_updated and self.dev_state[name]["grad"] is not None
@@ -1058,6 +1072,8 @@ class SlidingEngine:
         for u in units:
             (self.ready if whole else self.rows_ready)[u.name].wait()
         self.worker.check()
+        if first is None or whole:
+            self._catch_up_embedding(ids)  # rows the update did not do first may have deferred it
         tables = []
         for u in units:
             table = self._upload_view(u.name)
@@ -1098,10 +1114,14 @@ class SlidingEngine:
             if last_out is not None and f"layers.{i - 1}" not in self.resident:
                 jax.block_until_ready(last_out)
             window.pop(i - 1, None)
+            late = []
             for j in range(i, min(self.L, i + self.prefetch + 1)):
                 if j not in window and (j <= i + 1 or not self._update_pending(f"layers.{j}")):
                     # A pending GPU update's state goes up one layer ahead, not k: PCIe carries
                     # one state at a time anyway, and the device holds one less.
+                    if j > i and not self._uploadable(f"layers.{j}"):
+                        late.append(j)  # its host update still runs: never hold up layer i for it
+                        continue
                     window[j] = self._weights(f"layers.{j}")
             w = window[i] = self._resolve(window[i])
             nxt = _Acts(self, M)
@@ -1119,6 +1139,10 @@ class SlidingEngine:
                 last_out = y
             if i == 0:
                 self._staging_guard = last_out
+            if late and late[0] == i + 1:
+                # With layer i queued on the device, wait for layer i+1's update and upload it
+                # during that compute; layers further ahead are tried again next iteration.
+                window[i + 1] = self._weights(f"layers.{i + 1}")
             cur = nxt
         self._window = window  # the last layers stay on the device for the start of backward
         return cur, ckpt
@@ -1507,6 +1531,9 @@ class SlidingEngine:
         self._pending_embed = None
         tied = self.cfg.tie_word_embeddings
         rows_first = next_ids is not None and getattr(self.opt, "supports_rows", False)
+        # The untied table's rows without a gradient defer their step (the same bits, applied
+        # when the row is next looked up or at `sync`): a step's tokens touch few of its rows.
+        defer = not tied and getattr(self.opt, "supports_defer", False)
         need = np.unique(next_ids.reshape(-1)) if rows_first else None
         self._rows_first = need
 
@@ -1532,6 +1559,8 @@ class SlidingEngine:
 
             def update(rows, u=u, state=state, master=master, upload=upload, grad_of=grad_of):
                 g, kw = grad_of()
+                if rows is None and defer:
+                    kw["defer"] = True  # rows without a gradient: when next looked up (`_embed`)
                 self.opt.update(state, master, g, upload, decay_split=u.layout.decay_split,
                                 grad_scale=scale, rows=rows, **kw)
 
@@ -1554,11 +1583,30 @@ class SlidingEngine:
         for name in self.dev_state:
             self._pull_resident(name)
 
+    def _catch_up_embedding(self, ids: np.ndarray | None) -> None:
+        """Apply the deferred steps of the embedding rows of `ids` (None: every row); the unit's
+        updates must be done."""
+        if self.opt is None or not hasattr(self.opt, "catch_up"):
+            return
+        flat = None if ids is None else np.unique(ids.reshape(-1))
+        for u in self.host.embed_units:
+            state = self.opt_state.get(u.name)
+            if getattr(state, "row_count", None) is None:
+                continue
+            a, b = u.rows
+            rows = None if flat is None else flat[(flat >= a) & (flat < b)] - a
+            upload = self._upload_view(u.name)
+            self.opt.catch_up(state, u.master.reshape(self._shape(u)),
+                              None if upload is None else upload.reshape(self._shape(u)),
+                              decay_split=u.layout.decay_split, rows=rows)
+
     def wait_updates(self) -> None:
-        """Run every pending update to completion: the host's, the resident units' and the
-        GPU-updated layers' (which otherwise run when the next forward needs them)."""
+        """Run every pending update to completion: the host's (the embedding rows' deferred steps
+        too), the resident units' and the GPU-updated layers' (which otherwise run when the next
+        forward needs them)."""
         self._flush_embed_update(None)
         self.worker.join()
+        self._catch_up_embedding(None)
         for name in self.gpu_updated:
             if self.dev_state[name]["grad"] is not None:
                 self._resolve(self._parked_weights(name))

@@ -329,6 +329,57 @@ def adamw_spans(spans, nthreads, decay_split, master, m, v, grad, zeros, upload,
 
 
 @njit(parallel=True, **_OPTS)
+def adamw_catch_up(spans, nthreads, decay_split, master, m, v, upload, write_upload, hps, keys):
+    """Apply to rows the zero-gradient steps they skipped (a deferred step, see
+    `HostAdamW.update(defer=True)`), exactly as `adamw_spans` would have run them one step at a
+    time on a row without gradient: span (lo, hi, first, zero) runs the steps of `hps[first:]`
+    (float32 [T, 11], `adamw_spans`'s `hp` of each step, the grad scale included) with the SR
+    keys `keys[first:]`; with `zero` set its moments are known to be +0 and stay so (the
+    moment-free path). One pass over the row's memory whatever the number of steps: each block
+    stays in L1 while its steps run. The copy (`write_upload`) is written once, at the end.
+    `nthreads` is unused here (`launch` sets the thread count)."""
+    nsteps = hps.shape[0]
+    zero32 = np.float32(0.0)
+    for s in prange(spans.shape[0]):
+        lo = spans[s, 0]
+        hi = spans[s, 1]
+        first = spans[s, 2]
+        zero = spans[s, 3] != 0
+        k = hi - lo
+        jd = min(max(decay_split - lo, 0), k)
+        p_ = master[lo:hi]
+        m_ = m[lo:hi]
+        v_ = v[lo:hi]
+        u_ = upload[lo:hi] if write_upload else upload[:0]
+        for b0 in range(0, k, _BLOCK):
+            kb = min(_BLOCK, k - b0)
+            pb = p_[b0 : b0 + kb]
+            mb = m_[b0 : b0 + kb]
+            vb = v_[b0 : b0 + kb]
+            jdb = min(max(jd - b0, 0), kb)
+            for t in range(first, nsteps):
+                hp = (hps[t, 0], hps[t, 1], hps[t, 2], hps[t, 3], hps[t, 4], hps[t, 5], hps[t, 6],
+                      hps[t, 7], hps[t, 8], hps[t, 9], hps[t, 10])
+                g = zero32 * hp[10]  # the zero gradient, scaled as adamw_spans scales it
+                if zero:
+                    u0 = _adamw_direction(g, zero32, zero32, hp)[0]
+                    for j in range(kb):
+                        pb[j] = _adamw_weight(u0, pb[j], hp, j < jdb)
+                else:
+                    key = keys[t]
+                    for j in range(kb):
+                        p0 = pb[j]
+                        p, mu, nu = _adamw_element(g, p0, _to_f32(mb[j]), _to_f32(vb[j]), hp, j < jdb)
+                        pb[j] = p
+                        mb[j] = _rne_like(mu, mb)
+                        vb[j] = _sr_like(nu, key, p0, g, vb)
+            if write_upload:
+                ub = u_[b0 : b0 + kb]
+                for j in range(kb):
+                    ub[j] = _rne_like(pb[j], ub)
+
+
+@njit(parallel=True, **_OPTS)
 def store_params(src, nchunks, master, upload, write_master, write_upload):
     """master[:] = src and upload[:] = compute-dtype copy of src (round-to-nearest-even for bf16),
     in one pass over `nchunks` contiguous chunks (the generic optax path's write-back); without
@@ -372,14 +423,14 @@ CHUNKS_PER_THREAD = 8  # dynamic scheduling granularity: enough to absorb a desc
 
 
 def launch(kernel, nthreads: int, *args) -> None:
-    """Run a parallel kernel (`adamw_spans` or `store_params`) on `nthreads` threads.
+    """Run a parallel kernel (`adamw_spans`, `adamw_catch_up` or `store_params`) on `nthreads` threads.
 
     Sets the calling thread's numba thread count to `nthreads` (numba's setting is per calling
     thread, so concurrent callers do not disturb each other; it is left set, and only changed when
     it differs: setting it costs tens of microseconds) and the parallel chunk size so that threads
     take about `CHUNKS_PER_THREAD` chunks each, dynamically; runs under a lock when the threading
     layer is 'workqueue'. `kernel` is called as kernel(args[0], n, *args[1:]) where n is the thread
-    count for `adamw_spans` and the chunk count for `store_params`.
+    count for the AdamW kernels and the chunk count for `store_params`.
     """
     nthreads = max(1, min(int(nthreads), max_threads()))
     serialised = _serialised()

@@ -262,11 +262,26 @@ class AdamWState:
     # Rows whose moments are known to be +0 (never had a gradient): their steps skip the moments.
     # Derived from the moments when first needed; not part of the state_dict.
     zero_rows: np.ndarray | None = None
+    # Deferred steps (`HostAdamW.update(defer=True)`): per row its completed steps (None: all
+    # `count`), and for the steps owed_base .. count-1 their hyperparameters (float32 [T, 11])
+    # and SR keys, which the rows behind replay (`HostAdamW.catch_up`).
+    row_count: np.ndarray | None = None
+    owed_hp: np.ndarray | None = None
+    owed_keys: np.ndarray | None = None
+    owed_base: int = 0
+
+    def behind(self) -> np.ndarray:
+        """The rows that owe deferred steps (sorted)."""
+        if self.row_count is None:
+            return np.zeros(0, np.int64)
+        return np.flatnonzero(self.row_count < self.count)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """{'count', 'mu', 'nu'} (the moments are the live arrays, not copies)."""
         if self.rows_done is not None:
             raise ValueError("state_dict: a row-split step is in progress; finish it first")
+        if self.row_count is not None:
+            raise ValueError("state_dict: some rows owe deferred steps; HostAdamW.catch_up them first")
         return {"count": np.asarray(self.count, np.int32), "mu": self.mu, "nu": self.nu}
 
     def load_state_dict(self, tree: dict[str, np.ndarray]) -> None:
@@ -281,7 +296,8 @@ class AdamWState:
                 )
             np.copyto(dst, src)
         self.count = int(np.asarray(tree["count"]))
-        self.rows_done = self.zero_rows = None
+        self.rows_done = self.zero_rows = self.row_count = self.owed_hp = self.owed_keys = None
+        self.owed_base = 0
 
 
 class HostAdamW:
@@ -306,6 +322,7 @@ class HostAdamW:
     """
 
     supports_rows = True
+    supports_defer = True  # `update(defer=True)` and `catch_up`: rows without a gradient wait
     supports_into = True  # `update(into=...)`: a step written to a second set of buffers
 
     def __init__(
@@ -441,8 +458,6 @@ class HostAdamW:
             # inf is nan, as in optax's dense update): then no row takes the shortcut.
             zero = state.zero_rows[rows] & bool(np.isfinite(grad_scale))
             gstart = np.where(gi >= 0, gi * cols, np.where(zero, fa.ZERO_MOMENTS, -1))
-        if state.zero_rows is not None:
-            state.zero_rows[rows[gstart != fa.ZERO_MOMENTS]] = False  # their moments may change
         lo = rows * cols
         return np.stack([lo, lo + cols, gstart], axis=1), rows, flat_grad
 
@@ -465,6 +480,7 @@ class HostAdamW:
         rows: np.ndarray | None = None,
         grad_index: np.ndarray | None = None,
         into: tuple[np.ndarray, AdamWState] | None = None,
+        defer: bool = False,
     ) -> None:
         """One AdamW step (or, with `rows`, part of one) on a unit, in place; see the module doc.
 
@@ -472,12 +488,32 @@ class HostAdamW:
         same unit) the step reads `master` and `state` without changing them and writes the new
         weights, moments and count to the outputs: bitwise what the in-place step would leave,
         for a speculative update that may be thrown away. Whole units only (no `rows`).
+
+        With `defer=True` (a row-sparse gradient, `grad_index`, completing the step: no `rows`)
+        only the rows that have a gradient are updated now; the others owe this step, with its
+        zero gradient, and replay it, with any other owed steps, in one pass the next time they
+        are updated, or in `catch_up`. Every row's result is the same bits as the dense update's;
+        the step completes (`count` advances) now. For an embedding, where a step's tokens touch
+        a few of the rows, that leaves most of the table alone until its rows are needed. Under a
+        non-finite `grad_scale` nothing is deferred (every row's step is then nan).
         """
         n = state.mu.size
         p = _flat(master, "master", n, (F32,), writable=True)
+        deferred = None
+        if defer:
+            if grad_index is None or rows is not None or into is not None:
+                raise ValueError("update: `defer` needs a row-sparse gradient (grad_index) and no rows or into")
+            if np.shape(grad_index) != state.shape[:1]:
+                raise ValueError(f"grad_index: expected int[{state.shape[0]}], got shape {np.shape(grad_index)}")
+            if np.isfinite(grad_scale):
+                todo = np.arange(state.shape[0]) if state.rows_done is None else np.flatnonzero(~state.rows_done)
+                has = np.asarray(grad_index)[todo] >= 0
+                rows, deferred = todo[has], todo[~has]
         if into is not None:
             if rows is not None or grad_index is not None or state.rows_done is not None:
                 raise ValueError("update: `into` takes whole-unit steps only")
+            if state.row_count is not None:
+                raise ValueError("update: `into` needs every row current; catch_up first")
             p_out = _flat(into[0], "master_out", n, (F32,), writable=True)
             out = into[1]
             if out is state or out.mu.shape != state.mu.shape or out.mu.dtype != state.mu.dtype:
@@ -491,7 +527,11 @@ class HostAdamW:
         row_mode = rows is not None or grad_index is not None or state.rows_done is not None
         if row_mode:
             spans, done_rows, g = self._row_spans(state, grad, rows, grad_index, grad_scale)
+            self.catch_up(state, master, None, decay_split=decay_split, rows=done_rows)
+            if state.zero_rows is not None:  # the moments of these rows may change now
+                state.zero_rows[done_rows[spans[:, 2] != fa.ZERO_MOMENTS]] = False
         else:
+            self.catch_up(state, master, None, decay_split=decay_split)
             spans, done_rows, g = self._dense_spans(n), None, _flat(grad, "grad", n, (BF16, F32), writable=False)
             state.zero_rows = None
         if into is not None:
@@ -511,13 +551,87 @@ class HostAdamW:
             into[1].count = state.count + 1
             return
         if done_rows is not None:
-            if state.rows_done is None:
-                state.rows_done = np.zeros(state.shape[0], bool)
-            state.rows_done[done_rows] = True
-            if not state.rows_done.all():
-                return
+            if state.row_count is not None:
+                state.row_count[done_rows] = state.count + 1
+            if deferred is not None:
+                if deferred.size:
+                    self._owe(state, deferred, hp, key)
+            else:
+                if state.rows_done is None:
+                    state.rows_done = np.zeros(state.shape[0], bool)
+                state.rows_done[done_rows] = True
+                if not state.rows_done.all():
+                    return
             state.rows_done = None
         state.count += 1
+        _drop_settled(state)
+
+    def _owe(self, state: AdamWState, rows: np.ndarray, hp: tuple, key: np.uint32) -> None:
+        """The step now completing (count + 1) is deferred for `rows`: record it."""
+        c = state.count
+        if state.row_count is None:  # every row was at c; the rest have just been updated
+            state.row_count = np.full(state.shape[0], c + 1, np.int64)
+        state.row_count[rows] = np.minimum(state.row_count[rows], c)
+        entry = np.array(hp, np.float32)[None]
+        if state.owed_hp is None:
+            state.owed_base, state.owed_hp, state.owed_keys = c, entry, np.array([key], np.uint32)
+        else:
+            assert state.owed_base + state.owed_hp.shape[0] == c
+            state.owed_hp = np.concatenate([state.owed_hp, entry])
+            state.owed_keys = np.append(state.owed_keys, np.uint32(key))
+
+    def catch_up(
+        self,
+        state: AdamWState,
+        master: np.ndarray,
+        upload: np.ndarray | None = None,
+        *,
+        decay_split: int,
+        rows: np.ndarray | None = None,
+    ) -> None:
+        """Bring `rows` (default: every row) up to date: replay the steps they deferred
+        (`update(defer=True)`), the same bits as if each had run in its step, and write their
+        compute-dtype copy to `upload` (if given). Rows already current are left alone; so is a
+        state with nothing deferred."""
+        if state.row_count is None:
+            return
+        if rows is None:
+            sel = state.behind()
+        else:
+            sel = np.unique(np.asarray(rows, np.int64))
+            sel = sel[state.row_count[sel] < state.count]
+        if sel.size == 0:
+            return
+        nrows, cols = state.shape
+        n = nrows * cols
+        p = _flat(master, "master", n, (F32,), writable=True)
+        up = None if upload is None else _flat(upload, "upload", n, (BF16, F32), writable=True)
+        if state.zero_rows is None:
+            state.zero_rows = _zero_rows(state)
+        lo = sel * cols
+        spans = np.stack([lo, lo + cols, state.row_count[sel] - state.owed_base,
+                          state.zero_rows[sel].astype(np.int64)], axis=1)
+        split = 0 if self.weight_decay == 0.0 else int(decay_split)
+        fa.launch(
+            fa.adamw_catch_up, self.threads, spans, split, p, _kernel_view(state.mu), _kernel_view(state.nu),
+            _no_upload(BF16) if up is None else _kernel_view(up), up is not None, state.owed_hp, state.owed_keys,
+        )
+        state.row_count[sel] = state.count
+        _drop_settled(state)
+
+
+def _drop_settled(state: AdamWState) -> None:
+    """Forget the deferred steps no row owes any more."""
+    if state.row_count is None:
+        return
+    low = int(state.row_count.min())
+    if low >= state.count:
+        state.row_count = state.owed_hp = state.owed_keys = None
+        state.owed_base = 0
+    elif low > state.owed_base:
+        state.owed_hp = state.owed_hp[low - state.owed_base :]
+        state.owed_keys = state.owed_keys[low - state.owed_base :]
+        state.owed_base = low
 
 
 # ----------------------------------------------------------------------------------------------

@@ -430,6 +430,111 @@ def test_rows_without_a_gradient_under_a_non_finite_scale_equal_the_dense_update
     assert not np.isfinite(s_state.mu).any()  # every row went through the non-finite step
 
 
+@pytest.mark.parametrize("moment_dtype,weight_decay", [(np.float32, 0.1), (BF16, 0.1), (np.float32, 0.0)])
+def test_deferred_rows_equal_the_dense_update_bitwise(moment_dtype, weight_decay):
+    """`update(defer=True)` updates only the rows with a gradient; the others replay their owed
+    zero-gradient steps when next updated (rows first, the rest, a dense step) or in `catch_up`:
+    after every step the caught-up table, its moments and its bf16 copy equal the dense update's
+    bit for bit, under a learning-rate schedule (every owed step has its own hyperparameters),
+    with a non-finite scale (nothing deferred: every row becomes nan at once, as densely) in
+    another run. Rows behind keep their old weights until caught up; a checkpoint needs them
+    current."""
+    rng = np.random.default_rng()
+    vocab, hidden, used, steps = 61, 45, 6, 9
+    split = 30 * hidden + 7  # weight decay ends inside a row
+    sched = optax.warmup_cosine_decay_schedule(0.0, 3e-2, 3, steps)
+    opt = HostAdamW(sched, weight_decay=weight_decay, moment_dtype=moment_dtype, threads=3)
+    master0 = _rand(rng, (vocab, hidden))
+    dense_m, lazy_m = master0.copy(), master0.copy()
+    dense_s, lazy_s = opt.init(master0.shape), opt.init(master0.shape)
+    dense_u, lazy_u = aligned_zeros((vocab, hidden), BF16), aligned_zeros((vocab, hidden), BF16)
+    hot = rng.choice(vocab, vocab // 2, replace=False)  # half the rows never get a gradient
+    for step in range(steps):
+        grad_rows = _rand(rng, (used, hidden), BF16)
+        index = np.full(vocab, -1, np.int32)
+        index[rng.choice(hot, used, replace=False)] = rng.permutation(used)
+        dense = aligned_zeros((vocab, hidden), BF16)
+        dense[index >= 0] = grad_rows[index[index >= 0]]
+        kw = dict(decay_split=split, grad_scale=float(rng.uniform(0.2, 1.0)))
+        opt.update(dense_s, dense_m, dense, dense_u, **kw)
+        before = lazy_m.copy()
+        if step % 3 == 1:  # the next batch's rows first (with and without gradients), then the rest
+            first = rng.choice(vocab, 9, replace=False)
+            opt.update(lazy_s, lazy_m, grad_rows, lazy_u, rows=first, grad_index=index, **kw)
+            opt.update(lazy_s, lazy_m, grad_rows, lazy_u, grad_index=index, defer=True, **kw)
+        elif step == 5:  # an ordinary sparse step catches every row up on its way
+            opt.update(lazy_s, lazy_m, grad_rows, lazy_u, grad_index=index, **kw)
+            assert lazy_s.row_count is None and lazy_s.owed_hp is None
+        else:
+            opt.update(lazy_s, lazy_m, grad_rows, lazy_u, grad_index=index, defer=True, **kw)
+        assert lazy_s.count == dense_s.count == step + 1 and lazy_s.rows_done is None
+        behind = lazy_s.behind()
+        if step != 5:
+            assert behind.size and not (index[behind] >= 0).any()
+            np.testing.assert_array_equal(lazy_m[behind], before[behind])  # not touched yet
+            assert lazy_s.owed_hp.shape[0] == lazy_s.count - lazy_s.owed_base
+            with pytest.raises(ValueError, match="deferred"):
+                lazy_s.state_dict()
+        current = np.setdiff1d(np.arange(vocab), behind)
+        _assert_bitwise(lazy_m[current], dense_m[current], f"rows with their steps, step {step}")
+        # Catch up a few rows (duplicates and current rows too), then every row on a copy.
+        some = rng.choice(vocab, 12)
+        opt.catch_up(lazy_s, lazy_m, lazy_u, decay_split=split, rows=some)
+        _assert_bitwise(lazy_m[some], dense_m[some], f"caught-up rows, step {step}")
+        m, st, u = lazy_m.copy(), copy.deepcopy(lazy_s), lazy_u.copy()
+        st.mu, st.nu = st.mu.copy(), st.nu.copy()
+        opt.catch_up(st, m, u, decay_split=split)
+        assert st.row_count is None and st.owed_hp is None and st.count == step + 1
+        for a, b, what in ((m, dense_m, "master"), (st.mu, dense_s.mu, "mu"), (st.nu, dense_s.nu, "nu"),
+                           (u, dense_u, "upload")):
+            _assert_bitwise(a, b, f"{what} after catch_up, step {step}")
+        tree = st.state_dict()
+        assert int(tree["count"]) == step + 1
+    never = np.setdiff1d(np.arange(vocab), hot)
+    assert not np.array_equal(dense_m[never], master0[never]) or weight_decay == 0.0
+
+    # A non-finite scale defers nothing: the dense and the deferred run agree (all nan) after it.
+    for scale in (float("nan"), 0.5):
+        grad_rows = _rand(rng, (used, hidden), BF16)
+        index = np.full(vocab, -1, np.int32)
+        index[:used] = np.arange(used)
+        dense = aligned_zeros((vocab, hidden), BF16)
+        dense[:used] = grad_rows
+        opt.update(dense_s, dense_m, dense, dense_u, decay_split=split, grad_scale=scale)
+        opt.update(lazy_s, lazy_m, grad_rows, lazy_u, grad_index=index, defer=True, decay_split=split,
+                   grad_scale=scale)
+        if scale != scale:
+            assert lazy_s.row_count is None and np.isnan(lazy_m).all()
+    opt.catch_up(lazy_s, lazy_m, lazy_u, decay_split=split)
+    _assert_bitwise(lazy_m, dense_m, "after the non-finite step")
+    _assert_bitwise(lazy_u, dense_u, "upload after the non-finite step")
+
+
+def test_deferred_rows_reject_misuse():
+    rng = np.random.default_rng()
+    opt = HostAdamW(1e-2, threads=2)
+    master = _rand(rng, (8, 16))
+    grad = _rand(rng, (8, 16), BF16)
+    state = opt.init(master)
+    with pytest.raises(ValueError, match="defer"):
+        opt.update(state, master, grad, None, decay_split=0, defer=True)  # a dense gradient
+    with pytest.raises(ValueError, match="defer"):
+        opt.update(state, master, grad[:2], None, decay_split=0, grad_index=np.full(8, -1, np.int32),
+                   rows=np.array([1]), defer=True)
+    with pytest.raises(ValueError, match="grad_index"):
+        opt.update(state, master, grad[:2], None, decay_split=0, grad_index=np.zeros(7, np.int32), defer=True)
+    index = np.full(8, -1, np.int32)
+    index[2] = 0
+    opt.update(state, master, grad[:1], None, decay_split=0, grad_index=index, defer=True)
+    assert list(state.behind()) == [0, 1, 3, 4, 5, 6, 7]
+    with pytest.raises(ValueError, match="current"):
+        opt.update(state, master, grad, None, decay_split=0, into=(master.copy(), opt.init(master)))
+    # A dense step catches every row up first, and leaves nothing owed.
+    before = master.copy()
+    opt.update(state, master, grad, None, decay_split=0)
+    assert state.row_count is None and state.count == 2 and not np.array_equal(master, before)
+
+
 def test_row_split_counts_one_step_and_rejects_misuse():
     rng = np.random.default_rng(7)
     vocab, hidden = 20, 16
