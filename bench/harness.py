@@ -41,6 +41,9 @@ from bench.common import GB, LLAMA31_8B, TINY, check_result  # noqa: E402
 SYSTEMS: dict[str, list[str]] = {
     # The planner keeps as many layers resident as the budget (or the whole GPU) fits.
     "slidejax": ["bench/bench_engine.py", "--gpu-memory", "24GB", "--resident-layers", "auto"],
+    # bf16 AdamW moments (8 instead of 12 B/param of optimizer state; `HostAdamW`).
+    "slidejax-bf16m": ["bench/bench_engine.py", "--gpu-memory", "24GB", "--resident-layers", "auto",
+                       "--moments", "bfloat16"],
     "slidejax-unlimited": ["bench/bench_engine.py", "--gpu-memory", "unlimited", "--resident-layers", "auto"],
     # Every layer streamed, same budget: the sliding window alone.
     "streamed": ["bench/bench_engine.py", "--gpu-memory", "24GB", "--resident-layers", "0"],
@@ -145,6 +148,8 @@ def run_system(
            "--layers", str(args.layers), "--seq-len", str(args.seq_len),
            "--tokens-per-step", str(tokens), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--out", str(json_path)]
+    if args.clip is not None:
+        cmd += ["--clip", str(args.clip)]
     if args.tiny:
         cmd.append("--tiny")
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
@@ -363,6 +368,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-free-gb", type=float, default=3.0,
                    help="kill a run when the host's available memory falls below this")
     p.add_argument("--python", default=sys.executable, help="interpreter for the runners")
+    p.add_argument("--clip", type=float, default=None,
+                   help="max gradient norm for every system (0: off; default: each runner's, 1.0)")
     p.add_argument("--tiny", action="store_true", help="pass --tiny to every runner (CPU check)")
     p.add_argument("--merge", default=None, metavar="JSON[,JSON...]",
                    help="run nothing: combine earlier runs' results.json files into one report")

@@ -166,6 +166,7 @@ from bench import common
 p = common.runner_parser("fake")
 p.add_argument("--speed", type=float, default=1.0)
 p.add_argument("--mode", default="ok")
+p.add_argument("--clip", type=float, default=1.0)
 a = p.parse_args()
 if a.mode == "oom":
     print("some progress", flush=True)
@@ -178,7 +179,7 @@ times = [a.tokens_per_step / (1000.0 * a.speed) * (1 + 0.01 * i) for i in range(
 peaks = dict(peak_gpu_bytes=int(2e9 * a.speed), peak_host_rss_bytes=int(4e9 / a.speed))
 r = common.make_result(system="fake-" + a.mode, shape=common.model_shape(a), layers=a.layers,
                        seq_len=a.seq_len, tokens_per_step=a.tokens_per_step, step_times=times,
-                       peaks=peaks, notes="fake")
+                       peaks=peaks, notes=f"fake, clip {{a.clip}}")
 common.write_result(a.out, r)
 """
 
@@ -244,6 +245,17 @@ def test_harness_rejects_unknown_system_before_running(tmp_path):
     with pytest.raises(SystemExit, match="multiples"):
         harness.main(["--out", str(tmp_path), "--systems", "deepspeed", "--tokens", "1000"])
     assert not (tmp_path / "runs").exists()
+
+
+def test_harness_passes_the_clip_to_every_system(tmp_path):
+    cells = harness.main(["--out", str(tmp_path), "--systems", "slidejax,deepspeed", "--tokens", "256",
+                          "--seq-len", "128", "--layers", "2", "--steps", "2", "--warmup", "0", "--tiny",
+                          "--clip", "0"], systems=_fake_systems(tmp_path))
+    assert [c.summary()["notes"] for c in cells] == ["fake, clip 0.0"] * 2
+    default = harness.main(["--out", str(tmp_path / "d"), "--systems", "slidejax", "--tokens", "256",
+                            "--seq-len", "128", "--layers", "2", "--steps", "2", "--warmup", "0", "--tiny"],
+                           systems=_fake_systems(tmp_path))
+    assert default[0].summary()["notes"] == "fake, clip 1.0"
 
 
 def test_harness_merges_separate_calls(tmp_path):
