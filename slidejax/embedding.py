@@ -25,9 +25,9 @@ _THREADS = max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
 @contextlib.contextmanager
-def _few_threads():
+def _few_threads(threads: int | None = None):
     previous = numba.get_num_threads()
-    numba.set_num_threads(min(_THREADS, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(max(1, min(threads or _THREADS, numba.config.NUMBA_NUM_THREADS)))
     try:
         yield
     finally:
@@ -53,19 +53,21 @@ def _gather_rne(table: np.ndarray, rows: np.ndarray, out_u16: np.ndarray) -> Non
                 dst[j] = _rne_like(src[j], out_u16)
 
 
-def gather_rows(tables: list[tuple[int, np.ndarray]], ids: np.ndarray, out: np.ndarray) -> None:
+def gather_rows(tables: list[tuple[int, np.ndarray]], ids: np.ndarray, out: np.ndarray,
+                threads: int | None = None) -> None:
     """out[t] = table row ids[t], where `tables` holds (first row, [rows, H] block) pieces.
 
     Tables in out's dtype are copied as raw bits (uint16/uint32); fp32 tables into a bf16 `out`
     are rounded to nearest even, the bits a bf16 copy of the table would hold (so an untied
-    embedding needs no bf16 copy of the whole table in host memory).
+    embedding needs no bf16 copy of the whole table in host memory). `threads`: default a few
+    (the driver thread gathers while the host optimizer runs).
     """
     if out.dtype not in (_BF16, np.dtype(np.float32)):
         raise TypeError(f"gather_rows: out must be bfloat16 or float32, not {out.dtype}")
     ids = ids.reshape(-1)
     view = np.uint16 if out.dtype == _BF16 else np.uint32
     out2 = out.reshape(ids.shape[0], -1).view(view)
-    with _few_threads():
+    with _few_threads(threads):
         for first, block in tables:
             local = ids.astype(np.int64) - first
             local = np.where((local >= 0) & (local < block.shape[0]), local, -1)

@@ -648,6 +648,9 @@ class SlidingEngine:
         self._inflight: collections.deque = collections.deque()
         self._staging: list[list[PinnedBuffer]] = []  # [micro-batch][device]
         self._staging_guard: Any = None  # the last computation that read the staging buffers
+        # The next step's rows, gathered by the host worker right after their update: (ids, done).
+        self._staged_ahead: tuple[np.ndarray, threading.Event] | None = None
+        self.staged_ahead_steps = 0  # steps whose layer-0 inputs were staged that way
         self._pending_embed: tuple | None = None
         self._rows_first: np.ndarray | None = None  # the token ids whose rows the last update did first
         self._embed_job: tuple | None = None
@@ -1067,38 +1070,56 @@ class SlidingEngine:
             return acts
         # The rows updated first are those of the ids the last step was told come next; ids that
         # bring others wait for the whole table's update.
-        first = self._rows_first
-        whole = first is not None and not np.isin(ids, first).all()
-        for u in units:
-            (self.ready if whole else self.rows_ready)[u.name].wait()
-        self.worker.check()
-        if first is None or whole:
-            self._catch_up_embedding(ids)  # rows the update did not do first may have deferred it
-        tables = []
-        for u in units:
-            table = self._upload_view(u.name)
-            tables.append((u.rows[0], (u.master if table is None else table).reshape(u.rows[1] - u.rows[0], -1)))
+        staged, self._staged_ahead = self._staged_ahead, None
+        if staged is not None:
+            staged[1].wait()  # a staging task queued last step: its rows, or at least done
+            self.worker.check()
+        if staged is not None and staged[0].shape == ids.shape and np.array_equal(staged[0], ids):
+            self.staged_ahead_steps += 1
+        else:
+            first = self._rows_first
+            whole = first is not None and not np.isin(ids, first).all()
+            for u in units:
+                (self.ready if whole else self.rows_ready)[u.name].wait()
+            self.worker.check()
+            if first is None or whole:
+                self._catch_up_embedding(ids)  # rows the update did not do first may have deferred it
+            self._stage_rows(ids)
         shape = ids.shape[1:] + (self.cfg.hidden_size,)
-        # Every upload from the staging buffers fed layer 0; once that is done they are free.
-        jax.block_until_ready(self._staging_guard)
-        n_dev = len(self.local_devices)
-        part = (shape[0] // n_dev,) + shape[1:]
         if self.dist is not None:
             shape = (self.dist.global_rows(shape[0]),) + shape[1:]
-        if self._staging and self._staging[0][0].array.shape != part:
-            self._staging = []
-        while len(self._staging) < M:
-            # One pinned buffer per device: each device's rows go straight to it.
-            self._staging.append([PinnedBuffer(part, self.np_dtype, d) for d in self.local_devices])
         for mb in range(M):
             stages = self._staging[mb]
-            rows = np.split(ids[mb], n_dev, axis=0)
-            for stage, r in zip(stages, rows):
-                gather_rows(tables, r, stage.host)
             # The staged rows are also layer 0's checkpoint: no download needed.
             acts.host[mb] = stages[0].array if len(self.devices) == 1 else jax.make_array_from_single_device_arrays(
                 shape, self.act_host_sharding, [st.array for st in stages])
         return acts
+
+    def _staging_for(self, ids: np.ndarray) -> None:
+        """Pinned staging buffers for the layer-0 inputs of `ids` [M, rows, seq] (allocated on the
+        driver thread; buffers of another shape are dropped, in-flight reads keep theirs)."""
+        n_dev = len(self.local_devices)
+        part = (ids.shape[1] // n_dev, ids.shape[2], self.cfg.hidden_size)
+        if self._staging and self._staging[0][0].array.shape != part:
+            self._staging = []
+        while len(self._staging) < ids.shape[0]:
+            # One pinned buffer per device: each device's rows go straight to it.
+            self._staging.append([PinnedBuffer(part, self.np_dtype, d) for d in self.local_devices])
+
+    def _stage_rows(self, ids: np.ndarray, threads: int | None = None) -> None:
+        """Gather the embedding rows of `ids` into the staging buffers, once every read of the
+        last step's rows there (layer 0's forward, and its backward: they are its checkpoint)
+        is done."""
+        self._staging_for(ids)
+        tables = []
+        for u in self.host.embed_units:
+            table = self._upload_view(u.name)
+            tables.append((u.rows[0], (u.master if table is None else table).reshape(u.rows[1] - u.rows[0], -1)))
+        jax.block_until_ready(self._staging_guard)
+        n_dev = len(self.local_devices)
+        for mb in range(ids.shape[0]):
+            for stage, r in zip(self._staging[mb], np.split(ids[mb], n_dev, axis=0)):
+                gather_rows(tables, r, stage.host, threads=threads)
 
     def _forward(self, ids: np.ndarray, dev: list[dict[str, Any]], train: bool) -> tuple[_Acts, list[_Acts]]:
         M = ids.shape[0]
@@ -1193,8 +1214,12 @@ class SlidingEngine:
         blocks: dict[int, jax.Array] = {}
         for c, u in enumerate(units):
             blocks.pop(c - 1, None)
+            late = []
             for j in range(c, min(C, c + self.prefetch + 1)):
                 if j not in blocks:
+                    if j > c and not self._uploadable(units[j].name):
+                        late.append(j)  # as in the forward: block c never waits for j's update
+                        continue
                     blocks[j] = self._weights(units[j].name)
             corder = order if c % 2 == 0 else order[::-1]
             for n, mb in enumerate(corder):
@@ -1204,6 +1229,8 @@ class SlidingEngine:
                 self._compute(f"head stats {c}.{mb}", stats[mb])
                 if n < M - 1:
                     h.release(mb)
+            if late and late[0] == c + 1:
+                blocks[c + 1] = self._weights(units[c + 1].name)
         total, lse = 0.0, [None] * M
         for mb in range(M):
             lse[mb], t = fns.loss(stats[mb], dev[mb]["labels"])
@@ -1289,6 +1316,10 @@ class SlidingEngine:
                 # The layer-0 input gradient is the embedding's: always to the host, where its rows
                 # are summed per token as soon as it lands (the global norm waits for them).
                 nxt.put(mb, dx, keep=keep and i > 0, offload=i == 0 or not keep)
+                if keep and i > 0:
+                    # Layer i-1 starts with this micro-batch: its checkpoint goes up during this
+                    # compute, ahead of the window's weights (else the next layer waits for it).
+                    ckpt[i - 1].prefetch(mb)
                 if i == 0 and rowgrad is not None:
                     self.worker.submit((self.step_count, -1), f"embedding rows {mb}",
                                        functools.partial(self._add_rows, rowgrad, mb, nxt.host[mb]),
@@ -1367,7 +1398,12 @@ class SlidingEngine:
         """Forward order: the order in which the next step needs the units."""
         if name.startswith("layers."):
             return 1 + int(name.split(".")[1])
-        return {"norm": self.L + 1}.get(name, self.L + 2)
+        if name == "norm":
+            return self.L + 1
+        # The head's vocabulary blocks in the order its first pass reads them (0, 1, ...), though
+        # their gradients arrive in reverse; the embedding's other rows after them all.
+        heads = [u.name for u in self.host.head_units]
+        return self.L + 2 + (heads.index(name) if name in heads else len(heads))
 
     def _submit(self, name: str, grad: Any, scale: float) -> None:
         unit = self.host.units[name]
@@ -1568,13 +1604,25 @@ class SlidingEngine:
                 local = need[(need >= a) & (need < b)] - a
                 self.worker.submit((step, 0), f"update {u.name} (next rows)", lambda update=update, r=local: update(r),
                                    self.rows_ready[u.name], check=False)
-                self.worker.submit((step, self.L + 3), f"update {u.name}", lambda update=update: update(None),
+                self.worker.submit((step, self._priority(u.name) if tied else self._priority("")),
+                                   f"update {u.name}", lambda update=update: update(None),
                                    self.ready[u.name], check=False)
             else:
                 self.worker.submit((step, 0), f"update {u.name}", lambda update=update: update(None),
                                    self.ready[u.name], check=False)
                 self.worker.submit((step, 0), f"{u.name} ready", lambda: None, self.rows_ready[u.name],
                                    check=False)
+        if need is not None and next_ids.ndim == 3 and self.dist is None:
+            # The next forward's first input, gathered now by the host worker, after those rows'
+            # update and before any layer's: with all the host's threads and no AdamW beside it
+            # competing for memory bandwidth (on the driver thread, beside the updates, a 64K-token
+            # step's gather took ~0.29 s, in which the GPU waited).
+            ids_next = np.array(next_ids, copy=True)
+            self._staging_for(ids_next)
+            done = threading.Event()
+            self.worker.submit((step, 0), "stage next rows", lambda: self._stage_rows(ids_next, getattr(self.opt, "threads", None)),
+                               done, check=False)
+            self._staged_ahead = (ids_next, done)
 
     def sync(self) -> None:
         """Finish every pending update and copy device-held masters to the host (before reading

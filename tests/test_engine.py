@@ -102,6 +102,11 @@ def run_case(*, tied=False, vocab=97, M=2, prefetch=2, resident=0, clip=0.0, ste
         if expect_deferred:  # rows without a gradient owe the step; the next losses still match
             engine.worker.join()
             assert sum(engine.opt_state[u.name].behind().size for u in host.embed_units) > 0
+    # The next step's layer-0 input is gathered ahead by the host worker when the promise of
+    # the next ids holds (and then only: a wrong promise or another micro-batch split restages).
+    streamed_rows = not engine.all_resident and getattr(optimizer, "supports_rows", False)
+    ahead = steps - 1 if streamed_rows and not wrong_next and split in (None, M) else 0
+    assert engine.staged_ahead_steps == ahead
     engine.sync()
     if expect_deferred:
         assert all(engine.opt_state[u.name].row_count is None for u in host.embed_units)
