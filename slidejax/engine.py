@@ -2,9 +2,11 @@
 
 All training state lives in host memory (`HostModel` masters, host optimizer state). A step:
 
-forward   the embedding is looked up on the host (only the step's rows) and uploaded; then layer
-          by layer, with the upload of layer i+k issued *before* layer i's compute is dispatched
-          (so copies overlap compute), every micro-batch passes through layer i while its weights
+forward   the embedding is looked up on the host (only the step's rows; gathered by the host
+          worker right after their update when the last step was told these ids) and uploaded;
+          then layer by layer, with the upload of layer i+k issued *before* layer i's compute is
+          dispatched (so copies overlap compute; unless layer i+k's host update still runs: layer
+          i never waits for it), every micro-batch passes through layer i while its weights
           are on the GPU. Each layer's input is its checkpoint: it goes to pinned host memory
           asynchronously and nothing else of the layer's activations stays on the GPU.
 head      the lm_head streams in vocabulary blocks no larger than a layer: pass 1 merges each
@@ -16,7 +18,9 @@ backward  layer by layer in reverse: recompute + vjp per micro-batch, weight gra
           compute) into pinned memory that replaces the layer's (by then unneeded) upload copy:
           the host optimizer updates layer i on a worker thread while the GPU works on layer
           i-1, writing the next copy over the gradient as it reads it. The embedding gradient
-          comes back as the layer-0 input gradient and is summed per distinct token on the host.
+          comes back as the layer-0 input gradient and is summed per distinct token on the host;
+          the table's rows without a gradient defer their step (`HostAdamW.update(defer=True)`)
+          until they are next looked up or the weights are read (`sync`).
 clipping  exact: with a max norm, updates wait for the global norm (per-unit squared norms are
           computed where the gradients are, and summed), then run in forward order, so the next
           step's layer i waits only for layer i's update.

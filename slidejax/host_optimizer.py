@@ -44,6 +44,11 @@ grad_index=None) -> None``
     The equivalent plain optax transformation, for whole-model references and tests.
 ``opt.supports_rows``
     Whether `rows` is accepted.
+``opt.supports_defer`` (optional, default False)
+    Whether ``update(..., grad_index=index, defer=True)`` (completing a step: rows with no
+    gradient defer it) and ``opt.catch_up(state, master, upload=None, *, decay_split, rows=None)``
+    (apply the deferred steps of `rows`, default all) are accepted (`HostAdamW`). A state with
+    deferred rows refuses `state_dict()` until caught up.
 ``opt.supports_into`` (optional, default False)
     Whether ``update(..., into=(master_out, state_out))`` is accepted: the step read from
     `master` and `state` and written to a second master buffer and state of the same unit, the
@@ -56,6 +61,8 @@ For the embedding, with the rows the next batch looks up updated first::
     ...                                             # (the GPU can take those rows now)
     opt.update(state, emb, grad_rows, upload, decay_split=k, grad_scale=s, grad_index=index)
                                                     # the other rows: the step is complete
+    # or, with defer=True, only those with a gradient: the others owe the step, which
+    # opt.update (when they are next updated) or opt.catch_up(state, emb, ..., rows=...) applies
 
 Numerics: `HostAdamW` performs optax.adamw's float32 operations in optax's order, so it equals
 un-jitted `optax.adamw` bit for bit (tested); against jitted optax it differs by float rounding
