@@ -652,9 +652,13 @@ class SlidingEngine:
         self._inflight: collections.deque = collections.deque()
         self._staging: list[list[PinnedBuffer]] = []  # [micro-batch][device]
         self._staging_guard: Any = None  # the last computation that read the staging buffers
-        # The next step's rows, gathered by the host worker right after their update: (ids, done).
-        self._staged_ahead: tuple[np.ndarray, threading.Event] | None = None
-        self.staged_ahead_steps = 0  # steps whose layer-0 inputs were staged that way
+        # The next step's rows, gathered by the host worker right after their update: {"ids",
+        # "done" (the task ran or was skipped), "staged" (it gathered them)}.
+        self._staged_ahead: dict[str, Any] | None = None
+        self.staged_ahead_steps = 0  # forwards (steps, or an eval of those ids) that used them
+        # The most steps an embedding row without a gradient defers before the rest-of-table
+        # update (off the critical path) replays them.
+        self.max_deferred_steps = 32
         self._pending_embed: tuple | None = None
         self._rows_first: np.ndarray | None = None  # the token ids whose rows the last update did first
         self._embed_job: tuple | None = None
@@ -1076,9 +1080,10 @@ class SlidingEngine:
         # bring others wait for the whole table's update.
         staged, self._staged_ahead = self._staged_ahead, None
         if staged is not None:
-            staged[1].wait()  # a staging task queued last step: its rows, or at least done
+            staged["done"].wait()  # a staging task queued last step has run, or was skipped
             self.worker.check()
-        if staged is not None and staged[0].shape == ids.shape and np.array_equal(staged[0], ids):
+        if (staged is not None and staged["staged"] and staged["ids"].shape == ids.shape
+                and np.array_equal(staged["ids"], ids)):
             self.staged_ahead_steps += 1
         else:
             first = self._rows_first
@@ -1603,6 +1608,11 @@ class SlidingEngine:
                     kw["defer"] = True  # rows without a gradient: when next looked up (`_embed`)
                 self.opt.update(state, master, g, upload, decay_split=u.layout.decay_split,
                                 grad_scale=scale, rows=rows, **kw)
+                if rows is None and defer:
+                    # Off the next forward's path: rows that have owed many steps catch up now,
+                    # so no lookup waits for a long replay (and the owed table stays short).
+                    self.opt.catch_up(state, master, upload, decay_split=u.layout.decay_split,
+                                      max_lag=self.max_deferred_steps)
 
             if need is not None:
                 local = need[(need >= a) & (need < b)] - a
@@ -1616,17 +1626,21 @@ class SlidingEngine:
                                    self.ready[u.name], check=False)
                 self.worker.submit((step, 0), f"{u.name} ready", lambda: None, self.rows_ready[u.name],
                                    check=False)
-        if need is not None and next_ids.ndim == 3 and self.dist is None:
+        if (need is not None and next_ids.ndim == 3 and self.dist is None
+                and next_ids.shape[1] % len(self.local_devices) == 0):
             # The next forward's first input, gathered now by the host worker, after those rows'
             # update and before any layer's: with all the host's threads and no AdamW beside it
             # competing for memory bandwidth (on the driver thread, beside the updates, a 64K-token
             # step's gather took ~0.29 s, in which the GPU waited).
-            ids_next = np.array(next_ids, copy=True)
-            self._staging_for(ids_next)
-            done = threading.Event()
-            self.worker.submit((step, 0), "stage next rows", lambda: self._stage_rows(ids_next, getattr(self.opt, "threads", None)),
-                               done, check=False)
-            self._staged_ahead = (ids_next, done)
+            box = {"ids": np.array(next_ids, copy=True), "done": threading.Event(), "staged": False}
+            self._staging_for(box["ids"])
+
+            def stage(box=box) -> None:
+                self._stage_rows(box["ids"], getattr(self.opt, "threads", None))
+                box["staged"] = True  # a task skipped after an error leaves the buffers as they were
+
+            self.worker.submit((step, 0), "stage next rows", stage, box["done"], check=False)
+            self._staged_ahead = box
 
     def sync(self) -> None:
         """Finish every pending update and copy device-held masters to the host (before reading
@@ -1792,6 +1806,7 @@ class SlidingEngine:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a `state_dict()` (same model and optimizer); device copies are refreshed."""
         self.sync()
+        self._staged_ahead = None  # rows gathered from the weights being replaced
         shard = state.get("shard")
         if shard is not None and (self.dist is None or int(shard["process_count"]) != self.dist.count
                                   or int(shard["process_index"]) != self.dist.index):

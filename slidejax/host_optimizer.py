@@ -499,8 +499,9 @@ class HostAdamW:
         With `defer=True` (a row-sparse gradient, `grad_index`, completing the step: no `rows`)
         only the rows that have a gradient are updated now; the others owe this step, with its
         zero gradient, and replay it, with any other owed steps, in one pass the next time they
-        are updated, or in `catch_up`. Every row's result is the same bits as the dense update's;
-        the step completes (`count` advances) now. For an embedding, where a step's tokens touch
+        are updated, or in `catch_up`. Every row's result is the same bits as the dense update's
+        (its `upload` copy is written when it catches up); the step completes (`count` advances)
+        now. For an embedding, where a step's tokens touch
         a few of the rows, that leaves most of the table alone until its rows are needed. Under a
         non-finite `grad_scale` nothing is deferred (every row's step is then nan).
         """
@@ -595,21 +596,28 @@ class HostAdamW:
         *,
         decay_split: int,
         rows: np.ndarray | None = None,
+        max_lag: int | None = None,
     ) -> None:
         """Bring `rows` (default: every row) up to date: replay the steps they deferred
         (`update(defer=True)`), the same bits as if each had run in its step, and write their
-        compute-dtype copy to `upload` (if given). Rows already current are left alone; so is a
-        state with nothing deferred."""
+        compute-dtype copy to `upload` (if given: a deferred row's copy is stale until then).
+        Rows already current are left alone; so is a state with nothing deferred. With
+        `max_lag`, only the rows that owe more than that many steps: a row's replay costs
+        arithmetic per owed step, so bounding the lag bounds what a later lookup waits for."""
         if state.row_count is None:
             return
+        nrows, cols = state.shape
         if rows is None:
             sel = state.behind()
         else:
             sel = np.unique(np.asarray(rows, np.int64))
+            if sel.size and (sel[0] < 0 or sel[-1] >= nrows):
+                raise ValueError(f"rows: values must lie in [0, {nrows})")
             sel = sel[state.row_count[sel] < state.count]
+        if max_lag is not None:
+            sel = sel[state.row_count[sel] < state.count - int(max_lag)]
         if sel.size == 0:
             return
-        nrows, cols = state.shape
         n = nrows * cols
         p = _flat(master, "master", n, (F32,), writable=True)
         up = None if upload is None else _flat(upload, "upload", n, (BF16, F32), writable=True)

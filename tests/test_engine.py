@@ -74,7 +74,7 @@ def rel_err(a, b) -> float:
 
 def run_case(*, tied=False, vocab=97, M=2, prefetch=2, resident=0, clip=0.0, steps=3, packed=True,
              split=None, opt="adamw", layers=3, seed=0, gpu_update=0, speculative=0, wrong_next=False,
-             expect_deferred=False):
+             expect_deferred=False, max_lag=None):
     cfg = make_cfg(tied, vocab, layers)
     rng = np.random.default_rng(seed)
     host = HostModel(cfg)
@@ -86,6 +86,8 @@ def run_case(*, tied=False, vocab=97, M=2, prefetch=2, resident=0, clip=0.0, ste
     engine = SlidingEngine(host, optimizer, compute_dtype="float32", prefetch=prefetch,
                            resident_layers=resident, max_grad_norm=clip, gpu_update_layers=gpu_update,
                            speculative_units=speculative)
+    if max_lag is not None:
+        engine.max_deferred_steps = max_lag
     step_ref = reference_step(cfg, clip, opt)
     batches = [random_batch(rng, vocab, M, packed) for _ in range(steps)]
     for t, batch in enumerate(batches):
@@ -102,6 +104,10 @@ def run_case(*, tied=False, vocab=97, M=2, prefetch=2, resident=0, clip=0.0, ste
         if expect_deferred:  # rows without a gradient owe the step; the next losses still match
             engine.worker.join()
             assert sum(engine.opt_state[u.name].behind().size for u in host.embed_units) > 0
+            for u in host.embed_units:
+                st = engine.opt_state[u.name]
+                if st.row_count is not None:
+                    assert st.count - st.row_count.min() <= engine.max_deferred_steps
     # The next step's layer-0 input is gathered ahead by the host worker when the promise of
     # the next ids holds (and then only: a wrong promise or another micro-batch split restages).
     streamed_rows = not engine.all_resident and getattr(optimizer, "supports_rows", False)
@@ -151,6 +157,65 @@ def test_next_input_ids_that_are_not_the_next_batch(monkeypatch):
     run_case(wrong_next=True, M=2, steps=3, clip=1e-3)
 
 
+def _engine(cfg, opt=None, **kw):
+    host = HostModel(cfg)
+    host.load_tree(init_params(cfg, seed=0))
+    return SlidingEngine(host, opt or adamw(), compute_dtype="float32", **kw)
+
+
+def test_load_state_dict_drops_rows_staged_from_the_old_weights():
+    """A step told the next ids has the host worker gather their rows; a `load_state_dict` before
+    the next step replaces the weights they came from: that step equals a fresh engine's."""
+    import copy
+
+    cfg = make_cfg(False, 97)
+    rng = np.random.default_rng()
+    b0, b1 = random_batch(rng, 97, 2, True), random_batch(rng, 97, 2, True)
+    a = _engine(cfg)
+    start = copy.deepcopy(a.state_dict())
+    a.step(b0, next_input_ids=b1["input_ids"])
+    a.load_state_dict(start)
+    b = _engine(cfg)
+    b.load_state_dict(start)
+    assert a.step(b1).loss == b.step(b1).loss
+
+
+def test_a_staging_task_skipped_after_an_error_is_not_used():
+    """The host worker fails on the next rows' update, so the staging task queued behind it is
+    skipped; the step that retries after the error must gather its own rows (the staging buffers
+    still hold the last step's)."""
+    cfg = make_cfg(False, 97)
+    rng = np.random.default_rng()
+    b0, b1 = random_batch(rng, 97, 2, True), random_batch(rng, 97, 2, True)
+    opt = HostAdamW(learning_rate=1e-3, weight_decay=0.1)
+    engine = _engine(cfg, opt, max_grad_norm=1.0)
+    update, armed = opt.update, [True]
+
+    def failing(state, master, grad, *args, rows=None, **kw):
+        if rows is not None and armed:
+            armed.clear()
+            raise MemoryError("simulated failure of the next rows' update")
+        return update(state, master, grad, *args, rows=rows, **kw)
+
+    opt.update = failing
+    seen = []
+    embed = engine._embed
+
+    def checked(ids):
+        acts = embed(ids)
+        table = np.concatenate([u.master.reshape(u.rows[1] - u.rows[0], -1) for u in engine.host.embed_units])
+        seen.append(np.array_equal(np.asarray(acts.host[0]).reshape(-1, cfg.hidden_size),
+                                   table[ids[0].reshape(-1)]))
+        return acts
+
+    engine._embed = checked
+    engine.step(b0, next_input_ids=b1["input_ids"])
+    with pytest.raises(MemoryError):
+        engine.wait_updates()
+    engine.step(b1)
+    assert seen == [True, True] and engine.staged_ahead_steps == 0
+
+
 def test_clipping_exact_and_active():
     engine = run_case(clip=1e-3, M=3)
     assert engine.step_count == 3
@@ -166,12 +231,15 @@ def test_untied_several_vocab_blocks_and_single_micro_batch():
     run_case(vocab=600, M=1)
 
 
-@pytest.mark.parametrize("wrong_next", [False, True])
-def test_embedding_rows_without_a_gradient_defer_their_step(wrong_next):
+@pytest.mark.parametrize("wrong_next,max_lag", [(False, 32), (True, 32), (False, 1)])
+def test_embedding_rows_without_a_gradient_defer_their_step(wrong_next, max_lag):
     """Most of a large table's rows get no gradient in a step: they defer their (zero-gradient)
-    AdamW step until looked up, with or without a correct promise of the next batch's ids; each
-    step's loss and the final weights (after `sync`) equal the whole-model reference's."""
-    run_case(vocab=600, M=2, steps=4, clip=1e-3, wrong_next=wrong_next, expect_deferred=True)
+    AdamW step until looked up (or, past `max_deferred_steps`, until the rest of the table's
+    update), with or without a correct promise of the next batch's ids; each step's loss and the
+    final weights (after `sync`) equal the whole-model reference's."""
+    engine = run_case(vocab=600, M=2, steps=4, clip=1e-3, wrong_next=wrong_next, expect_deferred=True,
+                      max_lag=max_lag)
+    assert engine.max_deferred_steps == max_lag
 
 
 def test_resident_layers_mixed_with_streamed():

@@ -529,10 +529,18 @@ def test_deferred_rows_reject_misuse():
     assert list(state.behind()) == [0, 1, 3, 4, 5, 6, 7]
     with pytest.raises(ValueError, match="current"):
         opt.update(state, master, grad, None, decay_split=0, into=(master.copy(), opt.init(master)))
+    with pytest.raises(ValueError, match="rows"):
+        opt.catch_up(state, master, None, decay_split=0, rows=np.array([-1]))
+    for _ in range(3):  # row 2 keeps its gradient; the others owe 4 steps
+        opt.update(state, master, grad[:1], None, decay_split=0, grad_index=index, defer=True)
+    opt.catch_up(state, master, None, decay_split=0, rows=np.array([0]), max_lag=4)
+    assert state.row_count[0] == 0  # owes 4 steps: not more than 4
+    opt.catch_up(state, master, None, decay_split=0, rows=np.array([0, 1]), max_lag=3)
+    assert list(state.row_count[:3]) == [4, 4, 4] and list(state.behind()) == [3, 4, 5, 6, 7]
     # A dense step catches every row up first, and leaves nothing owed.
     before = master.copy()
     opt.update(state, master, grad, None, decay_split=0)
-    assert state.row_count is None and state.count == 2 and not np.array_equal(master, before)
+    assert state.row_count is None and state.count == 5 and not np.array_equal(master, before)
 
 
 def test_row_split_counts_one_step_and_rejects_misuse():
