@@ -391,7 +391,7 @@ def test_host_optimizer_bench_runs_every_method(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((out / "results.json").read_text())["results"]
     methods = {r["method"] for r in rows}
-    assert {"fused", "fused_inplace", "fused_bf16m", "torch", "optax", "stream"} <= methods
+    assert {"fused", "fused_inplace", "fused_bf16m", "torch", "optax", "stream", "replay8"} <= methods
     assert all(r["median_s"] > 0 and r["params"] == 2**20 for r in rows)
     assert "fused_inplace" in (out / "results.md").read_text()
     info = json.loads((out / "results.json").read_text())
