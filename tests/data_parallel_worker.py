@@ -32,7 +32,7 @@ opt = HostAdamW(learning_rate=optax.linear_schedule(5e-4, 1e-4, 8), weight_decay
 engine = SlidingEngine(host, opt, compute_dtype="float32", max_grad_norm=1e-3, devices=devices,
                        gpu_update_layers=gpu_update)
 rng = np.random.default_rng(seed)
-losses = []
+batches = []
 for _ in range(3):
     ids = rng.integers(0, cfg.vocab_size, (2, 4, 8)).astype(np.int32)
     labels = rng.integers(0, cfg.vocab_size, (2, 4, 8)).astype(np.int32)
@@ -40,7 +40,13 @@ for _ in range(3):
     seg = np.ones_like(ids)
     seg[:, 1:, 5:] = 2
     pos = np.where(seg == 2, np.arange(8) - 5, np.arange(8)).astype(np.int32)
-    losses.append(engine.step({"input_ids": ids, "labels": labels, "segment_ids": seg, "positions": pos}).loss)
+    batches.append({"input_ids": ids, "labels": labels, "segment_ids": seg, "positions": pos})
+# Next-ids promises: step 0's has 3 rows (no even split over 2 or 4 devices, and not what comes:
+# only the rows it names are updated first), step 1's is the true next batch (its rows are
+# staged ahead by the host worker), step 2 makes none.
+promises = [batches[1]["input_ids"][:, :3], batches[2]["input_ids"], None]
+losses = [engine.step(b, next_input_ids=nxt).loss for b, nxt in zip(batches, promises)]
+assert engine.staged_ahead_steps == 1, engine.staged_ahead_steps
 engine.sync()
 moved = min(np.linalg.norm(u.master - initial[name]) / np.linalg.norm(initial[name]) for name, u in host.units.items())
 np.savez(out, losses=np.array(losses), moved=moved, **{name: u.master for name, u in host.units.items()})
