@@ -1093,6 +1093,7 @@ class SlidingEngine:
             self.worker.check()
             if first is None or whole:
                 self._catch_up_embedding(ids)  # rows the update did not do first may have deferred it
+            self._staging_for(ids)
             self._stage_rows(ids)
         shape = ids.shape[1:] + (self.cfg.hidden_size,)
         if self.dist is not None:
@@ -1116,10 +1117,9 @@ class SlidingEngine:
             self._staging.append([PinnedBuffer(part, self.np_dtype, d) for d in self.local_devices])
 
     def _stage_rows(self, ids: np.ndarray, threads: int | None = None) -> None:
-        """Gather the embedding rows of `ids` into the staging buffers, once every read of the
-        last step's rows there (layer 0's forward, and its backward: they are its checkpoint)
-        is done."""
-        self._staging_for(ids)
+        """Gather the embedding rows of `ids` into the staging buffers (`_staging_for(ids)`'s), once
+        every read of the last step's rows there (layer 0's forward, and its backward: they are
+        its checkpoint) is done."""
         tables = []
         for u in self.host.embed_units:
             table = self._upload_view(u.name)
@@ -1604,11 +1604,12 @@ class SlidingEngine:
 
             def update(rows, u=u, state=state, master=master, upload=upload, grad_of=grad_of):
                 g, kw = grad_of()
-                if rows is None and defer:
+                deferring = rows is None and defer
+                if deferring:
                     kw["defer"] = True  # rows without a gradient: when next looked up (`_embed`)
                 self.opt.update(state, master, g, upload, decay_split=u.layout.decay_split,
                                 grad_scale=scale, rows=rows, **kw)
-                if rows is None and defer:
+                if deferring:
                     # Off the next forward's path: rows that have owed many steps catch up now,
                     # so no lookup waits for a long replay (and the owed table stays short).
                     self.opt.catch_up(state, master, upload, decay_split=u.layout.decay_split,
@@ -1618,8 +1619,8 @@ class SlidingEngine:
                 local = need[(need >= a) & (need < b)] - a
                 self.worker.submit((step, 0), f"update {u.name} (next rows)", lambda update=update, r=local: update(r),
                                    self.rows_ready[u.name], check=False)
-                self.worker.submit((step, self._priority(u.name) if tied else self._priority("")),
-                                   f"update {u.name}", lambda update=update: update(None),
+                self.worker.submit((step, self._priority(u.name)), f"update {u.name}",
+                                   lambda update=update: update(None),
                                    self.ready[u.name], check=False)
             else:
                 self.worker.submit((step, 0), f"update {u.name}", lambda update=update: update(None),
@@ -1652,7 +1653,7 @@ class SlidingEngine:
     def _catch_up_embedding(self, ids: np.ndarray | None) -> None:
         """Apply the deferred steps of the embedding rows of `ids` (None: every row); the unit's
         updates must be done."""
-        if self.opt is None or not hasattr(self.opt, "catch_up"):
+        if not getattr(self.opt, "supports_defer", False):
             return
         flat = None if ids is None else np.unique(ids.reshape(-1))
         for u in self.host.embed_units:

@@ -351,6 +351,7 @@ def adamw_catch_up(spans, nthreads, decay_split, master, m, v, upload, write_upl
         m_ = m[lo:hi]
         v_ = v[lo:hi]
         u_ = upload[lo:hi] if write_upload else upload[:0]
+        gl = np.empty(_BLOCK, np.float32)
         for b0 in range(0, k, _BLOCK):
             kb = min(_BLOCK, k - b0)
             pb = p_[b0 : b0 + kb]
@@ -366,13 +367,8 @@ def adamw_catch_up(spans, nthreads, decay_split, master, m, v, upload, write_upl
                     for j in range(kb):
                         pb[j] = _adamw_weight(u0, pb[j], hp, j < jdb)
                 else:
-                    key = keys[t]
-                    for j in range(kb):
-                        p0 = pb[j]
-                        p, mu, nu = _adamw_element(g, p0, _to_f32(mb[j]), _to_f32(vb[j]), hp, j < jdb)
-                        pb[j] = p
-                        mb[j] = _rne_like(mu, mb)
-                        vb[j] = _sr_like(nu, key, p0, g, vb)
+                    gl[:kb] = g
+                    _adamw_block(gl, pb, mb, vb, pb, mb, vb, u_[:0], kb, jdb, hp, keys[t], False)
             if write_upload:
                 ub = u_[b0 : b0 + kb]
                 for j in range(kb):

@@ -79,6 +79,17 @@ def _run_host(opt, master0, grads, scales, split, upload_dtype):
     return master, state, upload
 
 
+def _row_sparse_grad(rng, rows, vocab, hidden):
+    """A random bf16 gradient of `rows` of a [vocab, hidden] table: (row values, grad_index, the
+    same gradient dense)."""
+    values = _rand(rng, (len(rows), hidden), BF16)
+    index = np.full(vocab, -1, np.int32)
+    index[rows] = rng.permutation(len(rows))
+    dense = aligned_zeros((vocab, hidden), BF16)
+    dense[index >= 0] = values[index[index >= 0]]
+    return values, index, dense
+
+
 # Odd length, not a multiple of any block or vector width; 3 threads give unequal, aligned blocks.
 N, SPLIT, STEPS = 70001, 41003, 12
 
@@ -307,11 +318,7 @@ def test_row_sparse_and_row_split_updates_equal_the_dense_update(moment_dtype):
     master0 = _rand(rng, (vocab, hidden))
     batches = []
     for _ in range(steps):
-        grad_rows = _rand(rng, (used, hidden), BF16)
-        index = np.full(vocab, -1, np.int32)
-        index[rng.choice(vocab, used, replace=False)] = rng.permutation(used)
-        dense = aligned_zeros((vocab, hidden), BF16)
-        dense[index >= 0] = grad_rows[index[index >= 0]]
+        grad_rows, index, dense = _row_sparse_grad(rng, rng.choice(vocab, used, replace=False), vocab, hidden)
         first = rng.choice(vocab, 17, replace=False).astype(np.int32)  # some with gradient, some not
         batches.append((grad_rows, index, dense, first))
 
@@ -450,11 +457,7 @@ def test_deferred_rows_equal_the_dense_update_bitwise(moment_dtype, weight_decay
     dense_u, lazy_u = aligned_zeros((vocab, hidden), BF16), aligned_zeros((vocab, hidden), BF16)
     hot = rng.choice(vocab, vocab // 2, replace=False)  # half the rows never get a gradient
     for step in range(steps):
-        grad_rows = _rand(rng, (used, hidden), BF16)
-        index = np.full(vocab, -1, np.int32)
-        index[rng.choice(hot, used, replace=False)] = rng.permutation(used)
-        dense = aligned_zeros((vocab, hidden), BF16)
-        dense[index >= 0] = grad_rows[index[index >= 0]]
+        grad_rows, index, dense = _row_sparse_grad(rng, rng.choice(hot, used, replace=False), vocab, hidden)
         kw = dict(decay_split=split, grad_scale=float(rng.uniform(0.2, 1.0)))
         opt.update(dense_s, dense_m, dense, dense_u, **kw)
         before = lazy_m.copy()
@@ -495,11 +498,7 @@ def test_deferred_rows_equal_the_dense_update_bitwise(moment_dtype, weight_decay
 
     # A non-finite scale defers nothing: the dense and the deferred run agree (all nan) after it.
     for scale in (float("nan"), 0.5):
-        grad_rows = _rand(rng, (used, hidden), BF16)
-        index = np.full(vocab, -1, np.int32)
-        index[:used] = np.arange(used)
-        dense = aligned_zeros((vocab, hidden), BF16)
-        dense[:used] = grad_rows
+        grad_rows, index, dense = _row_sparse_grad(rng, np.arange(used), vocab, hidden)
         opt.update(dense_s, dense_m, dense, dense_u, decay_split=split, grad_scale=scale)
         opt.update(lazy_s, lazy_m, grad_rows, lazy_u, grad_index=index, defer=True, decay_split=split,
                    grad_scale=scale)
