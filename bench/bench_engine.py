@@ -142,6 +142,7 @@ def main() -> None:
             step()
         sync()
         rss["warm"] = common.vm_rss_bytes()
+        rss_map = {"warm": common.resident_map()}
         sampler.reset_gpu()
         # Steps run back to back, as in training: a step's host updates overlap the next step's
         # forward (which waits, unit by unit, only for the update it needs). Step k's time is from
@@ -160,6 +161,7 @@ def main() -> None:
             t = now
         engine.sync()
         peaks = sampler.peaks()
+        rss_map["end"] = common.resident_map()
     stats = jax.devices()[0].memory_stats() or {}
     peaks["peak_gpu_allocator_bytes"] = int(stats.get("peak_bytes_in_use", 0))
     if args.trace is not None:
@@ -179,11 +181,12 @@ def main() -> None:
     plan = engine.plan_memory((rows, seq)) if not args.tiny else {}
     host_plan = engine.plan_host_memory((rows, seq), micro)
     # Where host memory went: RSS after the masters exist, after the engine's set-up, after the
-    # warm-up steps; against the plan (pinned = what XLA's pinned pool must hold).
+    # warm-up steps; against the plan (pinned = what XLA's pinned pool must hold); and by mapping.
     result = common.make_result(system=name, shape=shape, layers=args.layers, seq_len=seq,
                                 tokens_per_step=args.tokens_per_step, step_times=times, peaks=peaks,
                                 notes=notes, losses=losses, grad_norms=grad_norms, setup_s=setup_s, planned_gpu_bytes=plan.get("total", 0),
-                                hidden=hidden, host_rss_phases=rss, planned_host_bytes=host_plan)
+                                hidden=hidden, host_rss_phases=rss, planned_host_bytes=host_plan,
+                                host_rss_map=rss_map)
     common.write_result(args.out, result)
     common.print_result(result)
 

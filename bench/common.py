@@ -141,6 +141,36 @@ def vm_rss_bytes(pid: int | str = "self") -> int:
     return _proc_status_bytes("VmRSS", pid)
 
 
+def resident_map(pid: int | str = "self", big: int = 1 << 28) -> dict[str, Any]:
+    """Where one process's resident memory is, from ``/proc/<pid>/smaps``: resident bytes of
+    anonymous mappings, of each device file (pinned buffers the GPU driver maps show there), of
+    other files, and the sizes and resident bytes of anonymous mappings of at least `big` bytes
+    (large numpy arrays; regions of an allocator's pool), largest first."""
+    groups: dict[str, int] = {}
+    large: list[tuple[int, int]] = []
+    path, size = "", 0
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                head = line.split()
+                if not head:
+                    continue
+                if "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line
+                    lo, hi = (int(x, 16) for x in head[0].split("-"))
+                    size, path = hi - lo, (head[5] if len(head) > 5 else "")
+                elif head[0] == "Rss:":
+                    rss = int(head[1]) * 1024
+                    key = ("anonymous" if not path or path.startswith("[") else
+                           path if path.startswith("/dev/") else "files")
+                    groups[key] = groups.get(key, 0) + rss
+                    if key == "anonymous" and size >= big:
+                        large.append((size, rss))
+    except OSError:
+        return {}
+    large.sort(reverse=True)
+    return {"resident": groups, "large_anonymous": [{"size": s, "rss": r} for s, r in large[:40]]}
+
+
 def tree_rss_bytes(proc: psutil.Process) -> int:
     """RSS of a process and all its descendants, in bytes (processes that vanish count 0)."""
     total = 0
