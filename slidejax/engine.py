@@ -45,7 +45,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -57,9 +57,10 @@ from slidejax.config import ModelConfig
 from slidejax.distributed import Cluster, assign_owners, spans_processes
 from slidejax.embedding import RowGradient, gather_rows
 from slidejax.errors import SlidejaxError
-from slidejax.host_memory import (PINNED_POOL_ENV, FlatLayout, HostModel, PinnedBuffer, Unit, host_memory_kind,
-                                  host_view, memory_sharding, numpy_dtype, pinned_pool_bytes, pinned_pool_gb,
-                                  plan_host_memory)
+from slidejax.host_memory import (PINNED_POOL_ENV, FlatLayout, HostModel, PinnedBuffer, Unit, aligned_empty,
+                                  host_memory_kind, host_view, is_released, memory_sharding, numpy_dtype,
+                                  pinned_pool_bytes, pinned_pool_gb, plan_host_memory, pull_to_host,
+                                  released_master)
 from slidejax.host_optimizer import aligned_zeros, store_compute_copy
 from slidejax.model import LayerFn, rms_norm
 
@@ -129,6 +130,17 @@ class Trace:
         meta = [{"name": "thread_name", "ph": "M", "pid": 0, "tid": t, "args": {"name": n}}
                 for n, t in self.LANES.items()]
         Path(path).write_text(json.dumps({"traceEvents": meta + self.events}))
+
+
+class _AllSet:
+    """A host task's `waits_for` when it reads what earlier host tasks write: landed once their
+    `done` events are set (the worker runs those first: they are older, and never wait on it)."""
+
+    def __init__(self, events: Sequence[threading.Event]):
+        self.events = list(events)
+
+    def is_ready(self) -> bool:
+        return all(e.is_set() for e in self.events)
 
 
 class HostWorker:
@@ -662,6 +674,7 @@ class SlidingEngine:
         self._pending_embed: tuple | None = None
         self._rows_first: np.ndarray | None = None  # the token ids whose rows the last update did first
         self._embed_job: tuple | None = None
+        self._embed_queued = False  # this step's embedding update is with the host worker
         self._row_grads: list[RowGradient | None] = [None, None]
 
     # ----- device memory plan
@@ -975,6 +988,8 @@ class SlidingEngine:
             self._step_open = False
             self.worker.join()
         self._step_open = True
+        self._embed_queued = False
+        self._release_resident_masters()
         self._flush_embed_update(ids)
         self.worker.check()
         self._sq_norms: dict[str, Any] = {}
@@ -991,6 +1006,12 @@ class SlidingEngine:
         x_last, ckpt = self._forward(ids, dev, train=True)
         loss_sum, dh, head_state = self._head(x_last, dev, train=True)
         self._backward(ids, dev, ckpt, x_last, dh, head_state)
+        if self._scale is not None and next_input_ids is not None and self.dist is None and not self.all_resident:
+            # Without clipping the scale is known: queue the embedding's update now, behind the
+            # host tasks that sum its rows, so the next forward's rows go before the layers'
+            # updates still pending (else the host starts one while this thread waits for the
+            # rows to be summed, and the next forward waits for it).
+            self._queue_embedding(next_input_ids, after=_AllSet(self._rows_added))
         loss = float(loss_sum) / n_tokens
         total = self._embedding_gradient() + sum(float(v) for v in self._sq_norms.values())
         norm = float(np.sqrt(total)) / n_tokens
@@ -1549,20 +1570,27 @@ class SlidingEngine:
             if st["grad"] is not None and st["scale"] is None:
                 st["scale"] = self._scale
         if not self.all_resident:
-            rowgrad, dxs = self._embed_job
-            self._embed_job = None
-            self._pending_embed = (rowgrad, dxs, dict(self._tied_head_grad), self._scale, self.step_count)
-            for u in self.host.embed_units:
-                self.rows_ready[u.name].clear()
-                self.ready[u.name].clear()
-            if next_ids is not None:
-                # Queued before the layers' updates: the next forward needs these rows first.
-                self._flush_embed_update(next_ids)
+            if not self._embed_queued:
+                self._queue_embedding(next_ids)
+            self._embed_job, self._embed_queued = None, False
         pending, self._pending = self._pending, []
         for name, grad in sorted(pending, key=lambda p: self._priority(p[0])):
             self._submit(name, grad, self._scale)
 
-    def _flush_embed_update(self, next_ids: np.ndarray | None) -> None:
+    def _queue_embedding(self, next_ids: np.ndarray | None, after: Any = None) -> None:
+        """Hand the step's embedding update to the host worker: its next rows now, before the
+        layers' updates, when the next step's ids are known (`_flush_embed_update`), else at the
+        next step. `after`: the `waits_for` of its tasks (what must be summed first)."""
+        rowgrad, dxs = self._embed_job
+        self._pending_embed = (rowgrad, dxs, dict(self._tied_head_grad), self._scale, self.step_count)
+        for u in self.host.embed_units:
+            self.rows_ready[u.name].clear()
+            self.ready[u.name].clear()
+        if next_ids is not None:
+            self._flush_embed_update(next_ids, after)
+        self._embed_queued = True
+
+    def _flush_embed_update(self, next_ids: np.ndarray | None, after: Any = None) -> None:
         """Start the deferred embedding (and tied head) update: with the next step's token ids
         known, their rows first (the next forward waits only for those), the rest after every
         layer's update."""
@@ -1618,15 +1646,15 @@ class SlidingEngine:
             if need is not None:
                 local = need[(need >= a) & (need < b)] - a
                 self.worker.submit((step, 0), f"update {u.name} (next rows)", lambda update=update, r=local: update(r),
-                                   self.rows_ready[u.name], check=False)
+                                   self.rows_ready[u.name], waits_for=after, check=False)
                 self.worker.submit((step, self._priority(u.name)), f"update {u.name}",
                                    lambda update=update: update(None),
-                                   self.ready[u.name], check=False)
+                                   self.ready[u.name], waits_for=after, check=False)
             else:
                 self.worker.submit((step, 0), f"update {u.name}", lambda update=update: update(None),
-                                   self.ready[u.name], check=False)
+                                   self.ready[u.name], waits_for=after, check=False)
                 self.worker.submit((step, 0), f"{u.name} ready", lambda: None, self.rows_ready[u.name],
-                                   check=False)
+                                   waits_for=after, check=False)
         if (need is not None and next_ids.ndim == 3 and self.dist is None
                 and next_ids.shape[1] % len(self.local_devices) == 0):
             # The next forward's first input, gathered now by the host worker, after those rows'
@@ -1640,7 +1668,7 @@ class SlidingEngine:
                 self._stage_rows(box["ids"], getattr(self.opt, "threads", None))
                 box["staged"] = True  # a task skipped after an error leaves the buffers as they were
 
-            self.worker.submit((step, 0), "stage next rows", stage, box["done"], check=False)
+            self.worker.submit((step, 0), "stage next rows", stage, box["done"], waits_for=after, check=False)
             self._staged_ahead = box
 
     def sync(self) -> None:
@@ -1680,7 +1708,22 @@ class SlidingEngine:
         jax.block_until_ready([(st["master"], st["opt"]) for st in self.dev_state.values()])
 
     def _pull_resident(self, name: str) -> None:
-        self.host.units[name].master[...] = np.asarray(self.dev_state[name]["master"])
+        unit, master = self.host.units[name], self.dev_state[name]["master"]
+        if name in self.gpu_updated:  # parked in pinned host memory, where no jax op runs
+            unit.master[...] = np.asarray(master)
+            return
+        if is_released(unit.master):
+            unit.master = aligned_empty(unit.master.size, np.float32)
+        pull_to_host(master, unit.master)
+
+    def _release_resident_masters(self) -> None:
+        """Drop the host copies of the resident units' masters while steps run: the device holds
+        the truth, and 4 bytes per resident parameter of host memory are freed. `sync` (which
+        every reader of the weights calls: checkpoints, export, eval) brings them back."""
+        for name in self.resident:
+            unit = self.host.units[name]
+            if not is_released(unit.master):
+                unit.master = released_master(unit.master.size)
 
     # ----- forward-only uses
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import os
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -122,6 +123,36 @@ def _buffer_view(array: jax.Array) -> np.ndarray:
     dtype = np.dtype(array.dtype)
     raw = (ctypes.c_uint8 * (array.size * dtype.itemsize)).from_address(array.unsafe_buffer_pointer())
     return np.frombuffer(raw, dtype=np.uint8).view(dtype)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _piece(array: jax.Array, start: jax.Array, size: int) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(array, start, size)
+
+
+def pull_to_host(array: jax.Array, out: np.ndarray, chunk: int = 1 << 24) -> np.ndarray:
+    """Copy a flat device array into the host array `out`, `chunk` elements at a time.
+
+    Why not `out[...] = np.asarray(array)`: jax caches an array's numpy value on it for as long as
+    the array lives, so a resident unit's master would keep a second full-size host copy until
+    its next update. The pieces' copies die with the pieces. One compile per size (the last piece
+    overlaps the one before instead of being shorter)."""
+    n = array.shape[0]
+    size = min(n, chunk)
+    for start in range(0, n, size):
+        start = min(start, n - size)
+        out[start:start + size] = np.asarray(_piece(array, start, size))
+    return out
+
+
+def released_master(size: int) -> np.ndarray:
+    """What a `Unit` holds while its master lives only on the device: `size` read-only NaNs that
+    take no memory (reading it unsynced shows NaN, not stale weights; writing it fails)."""
+    return np.broadcast_to(np.float32(np.nan), (size,))
+
+
+def is_released(master: np.ndarray) -> bool:
+    return not master.flags.writeable and master.strides == (0,)
 
 
 class PinnedBuffer:
@@ -294,7 +325,8 @@ class HostModel:
 
     @property
     def nbytes(self) -> int:
-        return sum(u.master.nbytes for u in self.units.values())
+        """Bytes of the masters held here (not those released to the device, see `released_master`)."""
+        return sum(u.master.nbytes for u in self.units.values() if not is_released(u.master))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,7 +344,9 @@ def plan_host_memory(cfg: "ModelConfig", micro_batch: tuple[int, int], micro_bat
     `micro_batch` = (rows, seq_len) tokens, split into what XLA's pinned pool must hold and the
     rest. Upper bounds: every boundary activation is counted as offloaded.
 
-    - masters: fp32 weights of every unit (resident units keep theirs for `sync`/export);
+    - masters: fp32 weights of every unit but the resident ones, whose masters live on the
+      device and are copied to the host only from a `sync` (checkpoint, export, eval) to the
+      next step;
     - gpu_updated_state (pinned): master, optimizer state, upload copy and pending gradient of
       the `gpu_update_layers` streamed layers updated on the device;
     - optimizer: the host optimizer's state of every unit it updates (AdamW's two moments);
@@ -338,7 +372,7 @@ def plan_host_memory(cfg: "ModelConfig", micro_batch: tuple[int, int], micro_bat
     tokens = micro_batches * rows * seq
     unit = max(cfg.layer_params, max((b - a for a, b in vocab_chunks(cfg)), default=0) * H)
     plan = {
-        "masters": 4 * cfg.num_params,
+        "masters": 4 * (cfg.num_params - (cfg.num_params if r == L else r * cfg.layer_params)),
         "optimizer": 2 * moment * host_updated,
         "gpu_updated_state": g * cfg.layer_params * (4 + 2 * moment + 2 * cd),
         "upload_copies": cd * streamed,

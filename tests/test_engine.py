@@ -494,6 +494,34 @@ def test_host_worker_runs_the_most_urgent_ready_task_and_keeps_step_order(landed
     assert order == (["urgent", "lazy", "next step"] if landed else ["lazy", "urgent", "next step"])
 
 
+def test_host_worker_task_after_other_host_tasks():
+    """A task reading what other host tasks write (the next rows' update, after the rows are
+    summed) waits for them, even when it is the most urgent, and then goes before everything
+    less urgent."""
+    import threading
+
+    from slidejax.engine import HostWorker, _AllSet
+
+    worker = HostWorker(None)
+    order, gate = [], threading.Event()
+    download = _Landing(False)
+    ev = lambda: threading.Event()  # noqa: E731
+    summed = ev()
+    worker.submit((0, -9), "gate", gate.wait, ev())
+    worker.submit((0, -1), "sum rows", lambda: order.append("sum rows"), summed, waits_for=download)
+    worker.submit((0, 0), "next rows", lambda: order.append("next rows"), ev(), waits_for=_AllSet([summed]))
+
+    def lazy():
+        order.append("lazy")
+        download.ready = True
+    worker.submit((0, 3), "lazy", lazy, ev())
+    worker.submit((0, 4), "late", lambda: order.append("late"), ev())
+    gate.set()
+    worker.join()
+    worker.stop()
+    assert order == ["lazy", "sum rows", "next rows", "late"]
+
+
 # ----------------------------------------------------------------------------------------------
 # The device memory budget in XLA's allocator
 

@@ -56,7 +56,13 @@ def test_plan_counts_the_buffers_the_engine_allocates(tied, resident, gpu_update
                  for n in engine.gpu_updated)
     pending = 2 * host.cfg.layer_params * gpu_update
     assert abs(plan["gpu_updated_state"] - pending - parked) <= 64 * gpu_update  # step counts
+    # Resident units' masters are on the device while steps run (back on the host after a sync).
+    ids = np.random.default_rng().integers(0, host.cfg.vocab_size, (3, ROWS, SEQ + 1)).astype(np.int32)
+    engine.step({"input_ids": ids[..., :-1], "labels": ids[..., 1:]})
     assert plan["masters"] == host.nbytes
+    engine.sync()
+    assert host.nbytes == 4 * host.cfg.num_params
+    assert all(np.isfinite(u.master).all() for u in host.units.values())
     assert plan["upload_copies"] == sum(b.host.nbytes for b in engine.upload_buf.values())
     assert plan["optimizer"] == sum(s.mu.nbytes + s.nu.nbytes for s in engine.opt_state.values())
     assert plan["gradients"] == (0 if resident == 3 else 3 * 2 * max(u.master.size for u in host.units.values()))
