@@ -298,7 +298,7 @@ def plot(cells: list[Cell], path: Path, title: str) -> None:
     xs = range(len(labels))
     ax2.bar([i - 0.2 for i in xs], gpu, 0.4, label="peak GPU")
     ax2.bar([i + 0.2 for i in xs], host, 0.4, label="peak host (max of RSS, used)")
-    ax2.set_xticks(list(xs), labels, fontsize=8)
+    ax2.set_xticks(list(xs), labels, fontsize=8, rotation=35, ha="right")
     ax2.set_ylabel("GB")
     ax2.set_title("peak memory")
     ax2.legend()
