@@ -80,7 +80,8 @@ class Model:
         return out[0] if squeeze else out
 
     def params(self) -> dict[str, Any]:
-        """The fp32 weights as a plain tree of numpy arrays (HF names inside each layer)."""
+        """The fp32 weights as a plain tree of numpy arrays (HF names inside each layer): the
+        weights now; after more training steps, call it again."""
         if self._engine is not None:
             self._engine.sync()
         return self.host.tree()
