@@ -74,16 +74,17 @@ class CheckpointReader:
         if not self.path.is_dir():
             raise SlidejaxError(f"{self.path}: no such model folder")
         index_file = self.path / "model.safetensors.index.json"
-        if index_file.exists():
+        if (self.path / "model.safetensors").exists():
+            # As transformers reads a folder: a lone model.safetensors first (before an index
+            # beside it), and other *.safetensors files (adapters, consolidated.safetensors) are
+            # not this model's weights.
+            files = ["model.safetensors"]
+        elif index_file.exists():
             try:
                 weight_map = json.loads(index_file.read_text())["weight_map"]
                 files = sorted(set(weight_map.values()))
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 raise SlidejaxError(f"{index_file}: invalid index (no weight_map)") from None
-        elif (self.path / "model.safetensors").exists():
-            # as transformers does: other *.safetensors files (adapters, consolidated.safetensors)
-            # are not this model's weights
-            files = ["model.safetensors"]
         else:
             files = sorted(p.name for p in self.path.glob("*.safetensors"))
             if not files:

@@ -95,6 +95,20 @@ def test_transformers_sharded_checkpoint_loads_exactly(tied, tmp_path):
     assert_same_tensors(slidejax_tensors(model), hf_tensors(tm))
 
 
+def test_lone_weights_file_beside_an_index_is_read_as_transformers_reads_it(tmp_path):
+    """A folder holding both a sharded checkpoint (with its index) and a lone model.safetensors
+    of other weights: transformers loads the lone file, and so must slidejax."""
+    tm_sharded, tm_lone = tiny_torch(False, seed=11), tiny_torch(False, seed=12)
+    tm_sharded.save_pretrained(tmp_path, max_shard_size=SHARD)
+    lone = tmp_path / "lone"
+    tm_lone.save_pretrained(lone)
+    shutil.copy(lone / "model.safetensors", tmp_path / "model.safetensors")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    reference = hf_tensors(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32))
+    assert_same_tensors(reference, hf_tensors(tm_lone))
+    assert_same_tensors(slidejax_tensors(slidejax.load_pretrained(tmp_path, dtype="float32")), reference)
+
+
 def test_sharded_export_has_index_and_transformers_reloads_it(tied, tmp_path):
     tm = tiny_torch(tied, seed=1)
     tm.save_pretrained(tmp_path / "src")
