@@ -78,8 +78,8 @@ class TrainConfig:
         (default: one micro-batch); the step's micro-batches pass every layer together.
     Length: steps (optimizer steps) or epochs (passes over the data; default 1).
     Optimizer (AdamW on the host)
-      lr, schedule (constant, linear, cosine; decaying to 0 at the end), warmup (steps if >= 1,
-      else a fraction of the steps; linear from lr/warmup), weight_decay (matrices only), b1, b2,
+      lr, schedule (constant, linear, cosine; decaying to 0 at the end), warmup (whole steps if >= 1,
+      else a fraction of the steps, rounded up; linear from lr/warmup), weight_decay (matrices only), b1, b2,
       eps, moment_dtype (float32, or bfloat16 to save 4 bytes/parameter of host RAM),
       max_grad_norm (global norm clipping; 0 = off), seed (data order; trainer RNG), shuffle.
     Output
@@ -214,6 +214,8 @@ class TrainConfig:
             if not isinstance(self.resident_layers, int):
                 raise SlidejaxError(f"resident_layers must be a number or 'auto', got {self.resident_layers!r}")
             positive("resident_layers", allow_zero=True)
+        if self.warmup > 1 and self.warmup != int(self.warmup):
+            raise SlidejaxError(f"warmup must be a whole number of steps, or a fraction below 1, got {self.warmup!r}")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise SlidejaxError(f"lr must be a positive number, got {self.lr!r}")
         if self.steps is not None and self.epochs is not None:
@@ -252,7 +254,9 @@ class TrainConfig:
         return self.micro_batches * self.micro_batch_size * self.seq_len
 
     def warmup_steps(self, total: int) -> int:
-        return int(self.warmup) if self.warmup >= 1 else int(round(self.warmup * total))
+        """Warm-up steps: `warmup` itself when >= 1, else that fraction of `total` rounded up (as
+        transformers' warmup_ratio, but 0.07 x 100 is 7, not the 8 float noise would give)."""
+        return int(self.warmup) if self.warmup >= 1 else math.ceil(round(self.warmup * total, 6))
 
 
 def _check_keys(d: dict[str, Any], where: str) -> None:

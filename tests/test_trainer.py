@@ -123,10 +123,19 @@ def test_bad_toml_is_one_clear_line(tmp_path, text, message):
     (dict(host_memory="lots"), "host_memory: cannot read memory size"),
     (dict(seq_len=0), "seq_len must be positive"),
     (dict(run_name="a/b"), "plain folder name"),
+    (dict(warmup=10.5), "warmup must be a whole number of steps"),
 ])
 def test_impossible_settings_are_refused(changes, message):
     with pytest.raises(SlidejaxError, match=message.replace("(", r"\(").replace(")", r"\)")):
         TrainConfig.load(**changes)
+
+
+@pytest.mark.parametrize("warmup, total, steps", [(0.1, 95, 10), (0.1, 90, 9), (0.03, 1000, 30), (0.5, 3, 2),
+                                                  (0.0, 50, 0), (1, 50, 1), (7.0, 50, 7),
+                                                  (0.1, 85, 9), (0.07, 100, 7)])
+def test_warmup_steps_as_transformers_counts_them(warmup, total, steps):
+    """A fraction rounds up (transformers' warmup_ratio: ceil(total * ratio)); steps are steps."""
+    assert TrainConfig.load(warmup=warmup).warmup_steps(total) == steps
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
