@@ -1044,6 +1044,9 @@ class Trainer:
             with warnings.catch_warnings():
                 # Warnings (e.g. truncated documents) as one line that does not break the bar.
                 warnings.showwarning = lambda message, *a, **k: main and progress.write(f"warning: {message}")
+                if self._eval is None and c.eval_every > 0:
+                    warnings.warn(f"eval_every={c.eval_every} does nothing: there is no eval data "
+                                  f"(eval_data, --eval-data)", stacklevel=2)
                 if self._eval is not None and c.eval_every > 0 and self.step_count == 0:
                     self._report_eval(self.evaluate(), progress)
                 last_eval = last_save = self.step_count

@@ -372,7 +372,7 @@ def test_epochs_count_the_steps_and_overlong_documents_are_counted(tmp_path, cap
     rng = np.random.default_rng(2)
     rows = sort_rows(rng, 40) + [{"prompt": "sort " + "a " * 40 + "=", "completion": " a"}]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    config = small(epochs=1, output_dir=str(tmp_path),
+    config = small(epochs=1, output_dir=str(tmp_path), eval_every=5,
                               data=[str(data)], lr=1e-3)
     trainer = Trainer(tiny_model(), config=config)
     summary = trainer.fit()
@@ -381,8 +381,10 @@ def test_epochs_count_the_steps_and_overlong_documents_are_counted(tmp_path, cap
                           num_epochs=1, seed=0).count_steps()
     assert summary["step"] == summary["total_steps"] == expected
     assert summary["documents_truncated"] == 1
-    assert "warning:" in capsys.readouterr().err  # one line, through the progress writer
+    err = capsys.readouterr().err
+    assert "warning:" in err  # one line, through the progress writer
     assert summary["eval"] is None  # the preset's eval data is not used for other data
+    assert "eval_every=5 does nothing: there is no eval data" in err
 
 
 def test_resume_with_more_epochs_recounts_the_steps(tmp_path):
