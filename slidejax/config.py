@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,11 @@ class ModelConfig:
         act = d.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise SlidejaxError(f"{source}: hidden_act {act!r} is not supported; slidejax supports silu")
+
+        dropout = d.get("attention_dropout") or 0.0
+        if dropout:  # fine-tuning recipes rarely use it; training would differ from transformers'
+            warnings.warn(f"{source}: attention_dropout {dropout} is ignored: slidejax trains without dropout",
+                          stacklevel=2)
 
         window = None
         if model_type == "mistral":

@@ -331,3 +331,10 @@ def test_out_of_range_token_ids(monkeypatch):
 def test_unsupported_activation(tmp_path, act):
     folder = write_folder(tmp_path / "m", dict(SMALL, hidden_act=act))
     one_line_error(folder, str(folder / "config.json"), f"hidden_act {act!r} is not supported")
+
+
+def test_attention_dropout_is_announced_as_ignored(tmp_path):
+    folder = write_folder(tmp_path / "m", dict(SMALL, attention_dropout=0.1))
+    # Announced when config.json is read, and the load goes on (to the HostModel this module stubs).
+    with pytest.warns(UserWarning, match="attention_dropout 0.1 is ignored"), pytest.raises(HostModelBuilt):
+        slidejax.load_pretrained(folder, dtype="float32")
