@@ -530,6 +530,12 @@ class DataLoader:
         return self._epoch
 
     @property
+    def epochs_read(self) -> float:
+        """Passes over the data that the batches yielded so far cover: documents placed in rows
+        over documents per pass (fractional, as transformers logs its epoch)."""
+        return self.documents_seen / max(1, len(self._perm))
+
+    @property
     def formats(self) -> list[str]:
         """The detected (or forced) format of each file, in order."""
         return [f.format for f in self._files]

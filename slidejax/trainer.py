@@ -674,6 +674,7 @@ class Trainer:
         self._fpt = flops_per_token(model.config, config.seq_len)
         self._resumed_from: Path | None = None
         self._skipped = 0
+        self._trained_epochs: float | None = None  # set by fit while it steps on a batch read earlier
         self._opened = False  # open_run done (on every process; only process 0 writes files)
         self._devices: list[Any] | None = None
 
@@ -851,9 +852,10 @@ class Trainer:
             "tflops": self._fpt * m.positions * count / dt / 1e12, "gpu_peak_bytes": gpu_peak_bytes(),
             "host_rss_bytes": host_rss_bytes(), "time": time.time(),
         }
-        epoch = getattr(self._train, "epoch", None)
+        # fit reads the next batch before this step: it notes where this batch's ended
+        epoch = self._trained_epochs if self._trained_epochs is not None else getattr(self._train, "epochs_read", None)
         if epoch is not None:
-            record["epoch"] = epoch
+            record["epoch"] = round(float(epoch), 6)
         self._log(record)
         return record
 
@@ -1058,8 +1060,12 @@ class Trainer:
                 self._t_last = None
                 while batch is not None and (stop_at is None or self.step_count < stop_at) and self._stop is None:
                     before_next = self._loader_state()
+                    self._trained_epochs = getattr(self._train, "epochs_read", None)
                     nxt = self._next(it)
-                    m = self.step(batch, None if nxt is None else _input_ids(nxt))
+                    try:
+                        m = self.step(batch, None if nxt is None else _input_ids(nxt))
+                    finally:
+                        self._trained_epochs = None
                     self._agree_stop()
                     self._data_state = before_next
                     progress.update(m)

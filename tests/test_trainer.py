@@ -381,6 +381,15 @@ def test_epochs_count_the_steps_and_overlong_documents_are_counted(tmp_path, cap
                           num_epochs=1, seed=0).count_steps()
     assert summary["step"] == summary["total_steps"] == expected
     assert summary["documents_truncated"] == 1
+    # Each step's epoch is where its own batch ends in the data (fit has read one batch ahead).
+    fresh = DataLoader(str(data), trainer.tokenizer, seq_len=32, micro_batch_size=2, micro_batches_per_step=2,
+                       num_epochs=1, seed=0)
+    ends = []
+    with pytest.warns(UserWarning, match="truncated"):
+        for _ in fresh:
+            ends.append(round(fresh.epochs_read, 6))
+    train = [r for r in read_metrics(trainer.run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["epoch"] for r in train] == ends and ends[-1] == 1.0 and ends[0] < 0.5
     err = capsys.readouterr().err
     assert "warning:" in err  # one line, through the progress writer
     assert summary["eval"] is None  # the preset's eval data is not used for other data
