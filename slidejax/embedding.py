@@ -147,6 +147,12 @@ class RowGradient:
             self._groups.append((targets.astype(np.int64), order.astype(np.int64), starts.astype(np.int64)))
         self.values: np.ndarray | None = None
         self.buffer = buffer
+        self._added: set[int] = set()
+
+    @property
+    def complete(self) -> bool:
+        """Whether every micro-batch's gradients have been added (not so after a failed add)."""
+        return len(self._added) == len(self._groups)
 
     def add(self, mb: int, grad: np.ndarray) -> None:
         """Add micro-batch `mb`'s per-token gradients ([tokens of mb, H], fp32 or bf16)."""
@@ -165,6 +171,7 @@ class RowGradient:
             _segment_add_bf16(src.view(np.uint16), targets, order, starts, self.values)
         else:
             raise TypeError(f"RowGradient.add: gradients must be bfloat16 or float32, not {src.dtype}")
+        self._added.add(mb)
 
     def accumulate(self, grads: list[np.ndarray]) -> np.ndarray:
         """Sum every micro-batch's per-token gradients (in token order, bf16 or fp32) into fp32

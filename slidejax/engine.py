@@ -978,6 +978,11 @@ class SlidingEngine:
         if self.opt is None:
             raise SlidejaxError("this engine was built for inference (no optimizer)")
         t0 = time.perf_counter()
+        if next_input_ids is not None:  # checked before any state changes: a bad one fails cleanly
+            next_input_ids = np.asarray(next_input_ids)
+            if not np.issubdtype(next_input_ids.dtype, np.integer) or (
+                    next_input_ids.size and (next_input_ids.min() < 0 or next_input_ids.max() >= self.cfg.vocab_size)):
+                raise SlidejaxError(f"next_input_ids must be token ids in [0, {self.cfg.vocab_size})")
         ids, labels, pos, seg, n_tokens, masked = self._batch(batch)
         if n_tokens == 0:
             raise SlidejaxError("a training step has no supervised tokens (all labels are -100)")
@@ -1581,6 +1586,7 @@ class SlidingEngine:
         """Hand the step's embedding update to the host worker: its next rows now, before the
         layers' updates, when the next step's ids are known (`_flush_embed_update`), else at the
         next step. `after`: the `waits_for` of its tasks (what must be summed first)."""
+        self.worker.check()  # a failed host task: raise before this step's update is handed over
         rowgrad, dxs = self._embed_job
         self._pending_embed = (rowgrad, dxs, dict(self._tied_head_grad), self._scale, self.step_count)
         for u in self.host.embed_units:
@@ -1631,6 +1637,8 @@ class SlidingEngine:
                 return args["grad"], args["kw"]
 
             def update(rows, u=u, state=state, master=master, upload=upload, grad_of=grad_of):
+                if not rowgrad.complete:  # queued early, then a row-summing task failed: the step failed
+                    return
                 g, kw = grad_of()
                 deferring = rows is None and defer
                 if deferring:
@@ -1665,6 +1673,8 @@ class SlidingEngine:
             self._staging_for(box["ids"])
 
             def stage(box=box) -> None:
+                if not rowgrad.complete:  # see update(): the rows were not updated
+                    return
                 self._stage_rows(box["ids"], getattr(self.opt, "threads", None))
                 box["staged"] = True  # a task skipped after an error leaves the buffers as they were
 
@@ -1729,7 +1739,7 @@ class SlidingEngine:
 
     def eval_loss(self, batch: Any) -> tuple[float, int]:
         """(summed loss, supervised tokens) of `batch` with the current weights; no update."""
-        self.sync()
+        self.wait_updates()  # the device path: no host copy of the resident masters needed
         ids, labels, pos, seg, tokens, masked = self._batch(batch)
         dev = self._step_inputs(ids, labels, pos, seg, masked)
         x_last, _ = self._forward(ids, dev, train=False)
@@ -1740,7 +1750,7 @@ class SlidingEngine:
     def logits(self, input_ids: np.ndarray, positions: np.ndarray | None = None,
                segment_ids: np.ndarray | None = None) -> np.ndarray:
         """fp32 logits [B, S, V] through the same layer-by-layer path as training."""
-        self.sync()
+        self.wait_updates()
         ids = np.asarray(input_ids)[None]
         batch = {"input_ids": ids,
                  "positions": None if positions is None else np.asarray(positions)[None],
@@ -1849,7 +1859,9 @@ class SlidingEngine:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a `state_dict()` (same model and optimizer); device copies are refreshed."""
-        self.sync()
+        # Not sync(): it would copy the device's masters over the host's, which may be the very
+        # arrays `state` holds (a trainer resuming loads the checkpoint into the host model first).
+        self.wait_updates()
         self._staged_ahead = None  # rows gathered from the weights being replaced
         shard = state.get("shard")
         if shard is not None and (self.dist is None or int(shard["process_count"]) != self.dist.count
@@ -1867,6 +1879,8 @@ class SlidingEngine:
             master = np.asarray(src["master"], np.float32).reshape(-1)
             if master.shape != unit.master.shape:
                 raise SlidejaxError(f"checkpoint unit {name!r} has {master.size} weights, the model {unit.master.size}")
+            if is_released(unit.master):
+                unit.master = aligned_empty(unit.master.size, np.float32)
             unit.master[...] = master
             if name in self.dev_state:
                 st = self.dev_state[name]

@@ -163,6 +163,52 @@ def _engine(cfg, opt=None, **kw):
     return SlidingEngine(host, opt or adamw(), compute_dtype="float32", **kw)
 
 
+@pytest.mark.parametrize("summed_first", [True, False])
+def test_a_failed_row_sum_leaves_the_embedding_untouched(monkeypatch, summed_first):
+    """Without clipping the embedding's update is queued as soon as the backward is dispatched; when
+    a task summing its row gradient fails (before or after that), the failed step's partial
+    gradient must never be applied, and the next step runs."""
+    cfg = make_cfg(False, 97)
+    rng = np.random.default_rng()
+    b0, b1, b2 = (random_batch(rng, 97, 2, True) for _ in range(3))
+    engine = _engine(cfg)
+    before = {u.name: u.master.copy() for u in engine.host.embed_units}
+    add, backward = SlidingEngine._add_rows, SlidingEngine._backward
+
+    def add_rows(self, rowgrad, mb, dx):
+        if mb == 1:
+            raise MemoryError("row sum failed")
+        return add(self, rowgrad, mb, dx)
+
+    def backward_then_wait(self, *a):
+        backward(self, *a)
+        for ev in self._rows_added:  # the host got there before the driver queued the update
+            ev.wait()
+
+    monkeypatch.setattr(SlidingEngine, "_add_rows", add_rows)
+    if summed_first:
+        monkeypatch.setattr(SlidingEngine, "_backward", backward_then_wait)
+    with pytest.raises(MemoryError):
+        engine.step(b0, next_input_ids=b1["input_ids"])
+    monkeypatch.undo()
+    engine.sync()
+    for u in engine.host.embed_units:
+        np.testing.assert_array_equal(u.master, before[u.name], err_msg=u.name)
+        assert engine.opt_state[u.name].count == 0
+    assert np.isfinite(engine.step(b1, next_input_ids=b2["input_ids"]).loss)
+
+
+def test_next_input_ids_are_checked_before_the_step_changes_anything():
+    cfg = make_cfg(False, 97)
+    rng = np.random.default_rng()
+    b0, b1 = random_batch(rng, 97, 2, True), random_batch(rng, 97, 2, True)
+    engine = _engine(cfg)
+    with pytest.raises(SlidejaxError, match=r"next_input_ids must be token ids in \[0, 97\)"):
+        engine.step(b0, next_input_ids=b1["input_ids"] + 97)
+    assert np.isfinite(engine.step(b0, next_input_ids=b1["input_ids"].tolist()).loss)  # a list is fine
+    assert np.isfinite(engine.step(b1).loss)
+
+
 def test_load_state_dict_drops_rows_staged_from_the_old_weights():
     """A step told the next ids has the host worker gather their rows; a `load_state_dict` before
     the next step replaces the weights they came from: that step equals a fresh engine's."""
@@ -221,23 +267,25 @@ def test_clipping_exact_and_active():
     assert engine.step_count == 3
 
 
-def test_tied_embeddings_several_vocab_blocks():
+@pytest.mark.parametrize("clip", [0.5, 0.0])  # without clipping the update is queued early
+def test_tied_embeddings_several_vocab_blocks(clip):
     cfg = make_cfg(True, 600)
     assert len(vocab_chunks(cfg)) > 1
-    run_case(tied=True, vocab=600, M=2, clip=0.5)
+    run_case(tied=True, vocab=600, M=2, clip=clip)
 
 
 def test_untied_several_vocab_blocks_and_single_micro_batch():
     run_case(vocab=600, M=1)
 
 
-@pytest.mark.parametrize("wrong_next,max_lag", [(False, 32), (True, 32), (False, 1)])
-def test_embedding_rows_without_a_gradient_defer_their_step(wrong_next, max_lag):
+@pytest.mark.parametrize("wrong_next,max_lag,clip", [(False, 32, 1e-3), (True, 32, 1e-3), (False, 1, 1e-3),
+                                                     (False, 2, 0.0), (True, 32, 0.0)])
+def test_embedding_rows_without_a_gradient_defer_their_step(wrong_next, max_lag, clip):
     """Most of a large table's rows get no gradient in a step: they defer their (zero-gradient)
     AdamW step until looked up (or, past `max_deferred_steps`, until the rest of the table's
     update), with or without a correct promise of the next batch's ids; each step's loss and the
     final weights (after `sync`) equal the whole-model reference's."""
-    engine = run_case(vocab=600, M=2, steps=4, clip=1e-3, wrong_next=wrong_next, expect_deferred=True,
+    engine = run_case(vocab=600, M=2, steps=4, clip=clip, wrong_next=wrong_next, expect_deferred=True,
                       max_lag=max_lag)
     assert engine.max_deferred_steps == max_lag
 

@@ -570,3 +570,31 @@ def test_default_resident_layers_fill_a_gpu_budget_and_train_alike(tmp_path):
     assert runs["budget"][0] > 0 and runs["none"][0] == 0
     np.testing.assert_allclose(runs["budget"][1], runs["none"][1], rtol=1e-4)
     assert runs["budget"][1][-1] != runs["budget"][1][0]
+
+
+def test_restore_brings_back_resident_layers_weights(tmp_path, monkeypatch):
+    """Resuming with resident layers: their weights come from the checkpoint, not from the fresh
+    engine's device copy. On the CPU backend an upload may share the host array's memory, which
+    hid the difference; here it copies, as on a GPU."""
+    import jax
+
+    from slidejax.engine import SlidingEngine
+
+    def put_master(self, unit):
+        return jax.block_until_ready(jax.device_put(np.array(unit.master, copy=True), self.dev_sharding))
+
+    monkeypatch.setattr(SlidingEngine, "_put_master", put_master)
+    data = write_jsonl(tmp_path / "d.jsonl", sort_rows(np.random.default_rng(0), 40))
+    config = small(steps=3, lr=3e-3, warmup=0, output_dir=str(tmp_path), run_name="a", data=[str(data)],
+                   resident_layers=1)
+    trainer = Trainer(tiny_model(), config=config)
+    trainer.fit()
+    path = trainer.save(wait=True)
+    trainer.engine.sync()
+    saved = {n: u.master.copy() for n, u in trainer.model.host.units.items()}
+    trainer.close()
+    fresh = Trainer.restore(path)
+    fresh.engine.sync()
+    assert "layers.0" in fresh.engine.resident
+    for name, unit in fresh.model.host.units.items():
+        np.testing.assert_array_equal(unit.master, saved[name], err_msg=name)
