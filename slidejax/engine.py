@@ -932,6 +932,22 @@ class SlidingEngine:
             return out
         return self._upload_array(self._upload_copy(name).array, name, self.dev_sharding)
 
+    def _issue_window(self, window: dict[int, Any], names: list[str], i: int,
+                      held: Callable[[int], bool] = lambda j: False) -> bool:
+        """Issue the uploads of units `names[i .. i+prefetch]` that `window` lacks, except those
+        `held` back and later ones whose host update still runs (unit i never waits for those;
+        they are tried again at the next unit). Returns whether `names[i+1]` was so left out: the
+        caller issues it once unit i's compute is queued."""
+        next_late = False
+        for j in range(i, min(len(names), i + self.prefetch + 1)):
+            if j in window or held(j):
+                continue
+            if j > i and not self._uploadable(names[j]):
+                next_late = next_late or j == i + 1
+                continue
+            window[j] = self._weights(names[j])
+        return next_late
+
     def _uploadable(self, name: str) -> bool:
         """Whether `_weights(name)` would not wait for a host update (always, with several
         processes: their uploads are collective, issued in one order everywhere)."""
@@ -980,8 +996,7 @@ class SlidingEngine:
         t0 = time.perf_counter()
         if next_input_ids is not None:  # checked before any state changes: a bad one fails cleanly
             next_input_ids = np.asarray(next_input_ids)
-            if not np.issubdtype(next_input_ids.dtype, np.integer) or (
-                    next_input_ids.size and (next_input_ids.min() < 0 or next_input_ids.max() >= self.cfg.vocab_size)):
+            if not np.issubdtype(next_input_ids.dtype, np.integer) or not self._in_vocab(next_input_ids):
                 raise SlidejaxError(f"next_input_ids must be token ids in [0, {self.cfg.vocab_size})")
         ids, labels, pos, seg, n_tokens, masked = self._batch(batch)
         if n_tokens == 0:
@@ -1044,9 +1059,12 @@ class SlidingEngine:
         if ids.shape[1] % len(self.local_devices):
             raise SlidejaxError(f"micro-batch rows ({ids.shape[1]}) must be a multiple of the "
                                 f"{len(self.local_devices)} devices")
-        if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
+        if not self._in_vocab(ids):
             raise SlidejaxError(f"token id out of range [0, {self.cfg.vocab_size}) in input_ids")
         return ids, labels, pos, seg
+
+    def _in_vocab(self, ids: np.ndarray) -> bool:
+        return ids.size == 0 or (ids.min() >= 0 and ids.max() < self.cfg.vocab_size)
 
     def _batch(self, batch: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, int, bool]:
         """(ids, labels, positions, segments, supervised tokens, any segment mask needed). With
@@ -1161,6 +1179,7 @@ class SlidingEngine:
         cur = self._embed(ids)
         ckpt: list[_Acts] = []
         window: dict[int, jax.Array] = {}
+        names = [f"layers.{j}" for j in range(self.L)]
         last_out = None
         for i in range(self.L):
             if train:
@@ -1170,15 +1189,9 @@ class SlidingEngine:
             if last_out is not None and f"layers.{i - 1}" not in self.resident:
                 jax.block_until_ready(last_out)
             window.pop(i - 1, None)
-            late = []
-            for j in range(i, min(self.L, i + self.prefetch + 1)):
-                if j not in window and (j <= i + 1 or not self._update_pending(f"layers.{j}")):
-                    # A pending GPU update's state goes up one layer ahead, not k: PCIe carries
-                    # one state at a time anyway, and the device holds one less.
-                    if j > i and not self._uploadable(f"layers.{j}"):
-                        late.append(j)  # its host update still runs: never hold up layer i for it
-                        continue
-                    window[j] = self._weights(f"layers.{j}")
+            # A pending GPU update's state goes up one layer ahead, not k: PCIe carries one state
+            # at a time anyway, and the device holds one less.
+            next_late = self._issue_window(window, names, i, held=lambda j, i=i: j > i + 1 and self._update_pending(names[j]))
             w = window[i] = self._resolve(window[i])
             nxt = _Acts(self, M)
             order = self._order(i, M)
@@ -1195,10 +1208,10 @@ class SlidingEngine:
                 last_out = y
             if i == 0:
                 self._staging_guard = last_out
-            if late and late[0] == i + 1:
+            if next_late:
                 # With layer i queued on the device, wait for layer i+1's update and upload it
                 # during that compute; layers further ahead are tried again next iteration.
-                window[i + 1] = self._weights(f"layers.{i + 1}")
+                window[i + 1] = self._weights(names[i + 1])
             cur = nxt
         self._window = window  # the last layers stay on the device for the start of backward
         return cur, ckpt
@@ -1247,15 +1260,10 @@ class SlidingEngine:
         # Pass 1: statistics, vocabulary blocks in order.
         stats: list[Any] = [None] * M
         blocks: dict[int, jax.Array] = {}
+        names = [u.name for u in units]
         for c, u in enumerate(units):
             blocks.pop(c - 1, None)
-            late = []
-            for j in range(c, min(C, c + self.prefetch + 1)):
-                if j not in blocks:
-                    if j > c and not self._uploadable(units[j].name):
-                        late.append(j)  # as in the forward: block c never waits for j's update
-                        continue
-                    blocks[j] = self._weights(units[j].name)
+            next_late = self._issue_window(blocks, names, c)
             corder = order if c % 2 == 0 else order[::-1]
             for n, mb in enumerate(corder):
                 if n + 1 < M:
@@ -1264,8 +1272,8 @@ class SlidingEngine:
                 self._compute(f"head stats {c}.{mb}", stats[mb])
                 if n < M - 1:
                     h.release(mb)
-            if late and late[0] == c + 1:
-                blocks[c + 1] = self._weights(units[c + 1].name)
+            if next_late:  # as in the forward
+                blocks[c + 1] = self._weights(names[c + 1])
         total, lse = 0.0, [None] * M
         for mb in range(M):
             lse[mb], t = fns.loss(stats[mb], dev[mb]["labels"])
@@ -1722,14 +1730,19 @@ class SlidingEngine:
         if name in self.gpu_updated:  # parked in pinned host memory, where no jax op runs
             unit.master[...] = np.asarray(master)
             return
+        pull_to_host(master, self._host_master(unit))
+
+    @staticmethod
+    def _host_master(unit: Unit) -> np.ndarray:
+        """`unit`'s host master, allocated again if it was released (to be written in full)."""
         if is_released(unit.master):
             unit.master = aligned_empty(unit.master.size, np.float32)
-        pull_to_host(master, unit.master)
+        return unit.master
 
     def _release_resident_masters(self) -> None:
         """Drop the host copies of the resident units' masters while steps run: the device holds
         the truth, and 4 bytes per resident parameter of host memory are freed. `sync` (which
-        every reader of the weights calls: checkpoints, export, eval) brings them back."""
+        every reader of the host weights calls: checkpoints, export, `params()`) brings them back."""
         for name in self.resident:
             unit = self.host.units[name]
             if not is_released(unit.master):
@@ -1879,9 +1892,7 @@ class SlidingEngine:
             master = np.asarray(src["master"], np.float32).reshape(-1)
             if master.shape != unit.master.shape:
                 raise SlidejaxError(f"checkpoint unit {name!r} has {master.size} weights, the model {unit.master.size}")
-            if is_released(unit.master):
-                unit.master = aligned_empty(unit.master.size, np.float32)
-            unit.master[...] = master
+            self._host_master(unit)[...] = master
             if name in self.dev_state:
                 st = self.dev_state[name]
                 st["master"] = self._put_master(unit)

@@ -345,8 +345,8 @@ def plan_host_memory(cfg: "ModelConfig", micro_batch: tuple[int, int], micro_bat
     rest. Upper bounds: every boundary activation is counted as offloaded.
 
     - masters: fp32 weights of every unit but the resident ones, whose masters live on the
-      device and are copied to the host only from a `sync` (checkpoint, export, eval) to the
-      next step;
+      device and are copied to the host only from a `sync` (checkpoint, export, `params()`) to
+      the next step;
     - gpu_updated_state (pinned): master, optimizer state, upload copy and pending gradient of
       the `gpu_update_layers` streamed layers updated on the device;
     - optimizer: the host optimizer's state of every unit it updates (AdamW's two moments);
