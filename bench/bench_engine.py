@@ -33,8 +33,6 @@ def parse_args():
     p.add_argument("--speculate", type=int, default=0,
                    help="units updated speculatively during the backward, committed when clipping changes "
                         "nothing (engine's speculative_units)")
-    p.add_argument("--one-pass-updates", action="store_true",
-                   help="with clipping, update each unit in one pass after the norm (engine's split_updates=False)")
     p.add_argument("--host-threads", type=int, default=None, help="host optimizer threads (default: cores - 1)")
     p.add_argument("--devices", type=int, default=1,
                    help="local GPUs for data parallelism (micro-batch rows split across them; "
@@ -86,11 +84,7 @@ def main() -> None:
         pinned_pool = size_pinned_pool(plan_host_memory(
             cfg, (rows, args.seq_len), micro, resident_layers=planned_resident,
             gpu_update_layers=args.gpu_update_layers, moment_dtype=args.moments,
-            speculated_params=sum(candidates[: args.speculate]) if args.clip > 0 else 0,
-            # Split units (clipping): every streamed unit but the embedding (upper bound).
-            split_params=(0 if args.clip <= 0 or args.one_pass_updates else
-                          sum(candidates[len(vocab_chunks(cfg)):]) + cfg.hidden_size
-                          + (0 if cfg.tie_word_embeddings else sum(candidates[:len(vocab_chunks(cfg))]))))["pinned"])
+            speculated_params=sum(candidates[: args.speculate]) if args.clip > 0 else 0)["pinned"])
     if args.devices > len(jax.local_devices()):
         raise SystemExit(f"--devices {args.devices}: only {len(jax.local_devices())} local devices")
     rss = {}
@@ -118,8 +112,7 @@ def main() -> None:
                                resident_layers=args.layers if args.resident else resident,
                                max_grad_norm=args.clip, gpu_memory=budget, trace=args.trace is not None,
                                micro_batch=(rows, args.seq_len), devices=jax.local_devices()[: args.devices],
-                               gpu_update_layers=args.gpu_update_layers, speculative_units=args.speculate,
-                               split_updates=not args.one_pass_updates)
+                               gpu_update_layers=args.gpu_update_layers, speculative_units=args.speculate)
         setup_s = time.perf_counter() - t0
         rss["engine"] = common.vm_rss_bytes()
 
@@ -184,7 +177,6 @@ def main() -> None:
              + (f", speculative units {list(engine._spec)} (unit updates committed "
                 f"{engine.speculation['committed']}, redone {engine.speculation['redone']}, skipped "
                 f"{engine.speculation['skipped']})" if engine._spec else "")
-             + (f", {len(engine._split)} units updated in two passes" if engine._split else "")
              + (f", {args.devices} devices" if args.devices > 1 else ""))
     if pinned_pool is not None:
         notes += f", pinned pool capped at {pinned_pool >> 30} GiB"

@@ -23,10 +23,7 @@ backward  layer by layer in reverse: recompute + vjp per micro-batch, weight gra
           until they are next looked up or the weights are read (`sync`).
 clipping  exact: with a max norm, updates wait for the global norm (per-unit squared norms are
           computed where the gradients are, and summed), then run in forward order, so the next
-          step's layer i waits only for layer i's update. Each update is split in two passes
-          (`split_updates`): the new weights first (the copy the GPU uploads: 16 B/param of host
-          memory traffic), then, after every unit's weights, the master and optimizer state
-          (26 B/param), which the next forward does not wait for.
+          step's layer i waits only for layer i's update.
 
 Micro-batches alternate direction from layer to layer (0..M-1, then M-1..0): the last one a layer
 computes is the first the next layer needs, so it never leaves the GPU. Loss and gradients are of
@@ -550,16 +547,6 @@ class SlidingEngine:
         copying into it (a copy would move more memory than the update), so arrays taken from
         `host` before (`host.tree()`, `Model.params()`) stop following those units' weights:
         take them again after `sync()`.
-      split_updates: with clipping, update each host-updated unit (but the embedding and
-        speculated units) in two passes after the global norm: the new compute-dtype weights
-        first, into a second copy buffer (the next forward waits only for those), then the master
-        and optimizer state, after every unit's weights and before the next step's host work.
-        The same bits as one pass (`HostAdamW.update(weights_only=)`). The host then moves
-        16 + 26 B/param instead of 26, but what the next forward waits for is 16 of them: worth it
-        where the host would otherwise sit idle during the head and backward (the host AdamW is
-        bound by memory bandwidth). Costs a second compute-dtype copy (pinned) of those units
-        from their backward to their second pass. Needs an optimizer with `supports_split`
-        (`HostAdamW`); ignored without clipping (updates then run during the backward).
       micro_batch: (rows, seq_len) of the micro-batches, when known up front: needed for
         resident_layers="auto", and with it an infeasible `gpu_memory` is refused here, before
         anything is allocated (otherwise at the first step).
@@ -586,7 +573,7 @@ class SlidingEngine:
                  attention_impl: str | None = None, trace: bool = False,
                  gpu_memory: int | str | None = None, devices: Any = None,
                  micro_batch: tuple[int, int] | None = None, gpu_update_layers: int = 0,
-                 speculative_units: int = 0, split_updates: bool = True):
+                 speculative_units: int = 0):
         if prefetch < 1:
             raise SlidejaxError(f"prefetch must be >= 1, got {prefetch}")
         cfg = host.cfg
@@ -644,8 +631,6 @@ class SlidingEngine:
         # Unit updates over the engine's life: speculation committed, redone (clipped), skipped
         # (not started before the backward ended).
         self.speculation = {"committed": 0, "redone": 0, "skipped": 0}
-        self._split = self._split_units(split_updates)
-        self._spare: dict[str, PinnedBuffer] = {}  # split units: the buffer their next copy goes to
         if micro_batch is not None:
             self._check_budget((1, *micro_batch), segments=False)
         head_names = {u.name for u in host.head_units}
@@ -758,8 +743,7 @@ class SlidingEngine:
                                 moment_dtype=getattr(self.opt, "moment_dtype", np.float32),
                                 resident_layers=self.resident_layers, prefetch=self.prefetch,
                                 gpu_update_layers=len(self.gpu_updated),
-                                speculated_params=sum(self.host.units[n].master.size for n in self._spec),
-                                split_params=sum(self.host.units[n].master.size for n in self._split))
+                                speculated_params=sum(self.host.units[n].master.size for n in self._spec))
 
     def _check_pinned_pool(self, shape: tuple[int, ...]) -> None:
         """On a GPU, refuse a step whose pinned host memory would overflow XLA's pinned pool
@@ -1447,9 +1431,6 @@ class SlidingEngine:
         else:
             if name in self._spec:
                 self._speculate(name, host_grad, retired)
-            elif name in self._split:  # the gradient is read twice: the next copy goes elsewhere
-                self._spare[name] = retired or PinnedBuffer(self.host.units[name].master.size, self.np_dtype,
-                                                             self.device)
             self._pending.append((name, host_grad))
 
     def _update_resident(self, name: str, grad: jax.Array, scale: float) -> None:
@@ -1470,9 +1451,6 @@ class SlidingEngine:
     def _submit(self, name: str, grad: Any, scale: float) -> None:
         unit = self.host.units[name]
         shape = self._shape(unit)
-        if name in self._split:
-            self._submit_split(name, grad, scale)
-            return
         sp = self._spec[name] if name in self._speculated else None
 
         def run() -> None:
@@ -1493,37 +1471,6 @@ class SlidingEngine:
         # After the unit's speculative task (same priority, submitted later, same download).
         self.worker.submit((self.step_count, self._priority(name)), f"update {name}", run, self.ready[name],
                            waits_for=grad)
-
-    def _split_units(self, enabled: bool) -> frozenset[str]:
-        """The units `split_updates` updates in two passes (see the constructor)."""
-        if not enabled or self.max_grad_norm <= 0 or not getattr(self.opt, "supports_split", False):
-            return frozenset()
-        return frozenset(n for n in self.host.units
-                         if n not in self.resident and n not in self.gpu_updated and n not in self._spec
-                         and not n.startswith("embed."))
-
-    def _submit_split(self, name: str, grad: Any, scale: float) -> None:
-        """Unit `name`'s step in two host tasks: its new weights into the spare copy buffer (the
-        next forward's upload waits for this one only), then, after every unit's weights, its
-        master and optimizer state from the same gradient (the same bits)."""
-        unit = self.host.units[name]
-        shape = self._shape(unit)
-        copy = self._spare.pop(name)
-        split = unit.layout.decay_split
-
-        def weights() -> None:
-            self.opt.update(self.opt_state[name], unit.master.reshape(shape), host_view(grad).reshape(shape),
-                            copy.host.reshape(shape), decay_split=split, grad_scale=scale, weights_only=True)
-            self.upload_buf[name] = copy
-
-        def state() -> None:
-            self.opt.update(self.opt_state[name], unit.master.reshape(shape), host_view(grad).reshape(shape),
-                            None, decay_split=split, grad_scale=scale)
-        self.worker.submit((self.step_count, self._priority(name)), f"update {name} (weights)", weights,
-                           self.ready[name], waits_for=grad)
-        # After every unit's weights and the embedding's update: a rank above any `_priority`.
-        self.worker.submit((self.step_count, 1 << 20 | self._priority(name)), f"update {name} (state)", state,
-                           threading.Event(), waits_for=grad)
 
     # ----- speculative updates
 

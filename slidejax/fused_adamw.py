@@ -240,34 +240,29 @@ def _adamw_element(g, p0, m0, v0, hp, decay):
 
 
 @njit(inline="always", **_OPTS)
-def _adamw_block(gl, pb, mb, vb, pob, mob, vob, ub, kb, jdb, hp, key, write_upload, write_state):
+def _adamw_block(gl, pb, mb, vb, pob, mob, vob, ub, kb, jdb, hp, key, write_upload):
     """AdamW over one staged block: reads weights and moments from pb, mb, vb and writes them to
-    pob, mob, vob (the same arrays in place) unless not `write_state`, the copy to ub."""
+    pob, mob, vob (the same arrays in place), the copy to ub."""
     for j in range(kb):
         g = gl[j]
         p0 = pb[j]
         p, mu, nu = _adamw_element(g, p0, _to_f32(mb[j]), _to_f32(vb[j]), hp, j < jdb)
-        if write_state:
-            pob[j] = p
-            mob[j] = _rne_like(mu, mob)
-            vob[j] = _sr_like(nu, key, p0, g, vob)
+        pob[j] = p
+        mob[j] = _rne_like(mu, mob)
+        vob[j] = _sr_like(nu, key, p0, g, vob)
         if write_upload:
             ub[j] = _rne_like(p, ub)
 
 
 @njit(parallel=True, **_OPTS)
 def adamw_spans(spans, nthreads, decay_split, master, m, v, grad, zeros, upload, write_upload, hp, key,
-                master_out, m_out, v_out, out_of_place, write_state):
+                master_out, m_out, v_out, out_of_place):
     """Fused AdamW over `spans` (int64 [S, 3]: lo, hi, gstart) of a unit's flat buffers, in place,
     or with `out_of_place` into `master_out`, `m_out` and `v_out` (same shapes; the inputs are
     then only read: a speculative update that may be thrown away). In place, pass empty arrays
     for the outputs: the loop then writes to the very arrays it reads, which LLVM sees as one
     pointer, whereas outputs that merely may alias the inputs would make its run-time overlap
     check send the loop to its scalar version.
-
-    With `write_state` false only the upload copy is written (`out_of_place` false): the new
-    weights a split step's first pass hands to the GPU, the state left for the same call with it
-    true (the same operations, so the same bits).
 
     Span elements lo + j read the gradient grad[gstart + j], or `zeros[j]` where gstart < 0 (a row
     with no gradient gets the full update with g = 0, exactly as optax with a dense zero). With
@@ -305,8 +300,7 @@ def adamw_spans(spans, nthreads, decay_split, master, m, v, grad, zeros, upload,
             u0 = _adamw_direction(_to_f32(zeros[0]) * scale, zero, zero, hp)[0]
             for j in range(k):
                 p = _adamw_weight(u0, p_[j], hp, j < jd)
-                if write_state:
-                    p_[j] = p
+                p_[j] = p
                 if write_upload:
                     u_[j] = _rne_like(p, u_)
             continue
@@ -329,9 +323,9 @@ def adamw_spans(spans, nthreads, decay_split, master, m, v, grad, zeros, upload,
                 pob = master_out[lo + b0 : lo + b0 + kb]
                 mob = m_out[lo + b0 : lo + b0 + kb]
                 vob = v_out[lo + b0 : lo + b0 + kb]
-                _adamw_block(gl, pb, mb, vb, pob, mob, vob, ub, kb, jdb, hp, key, write_upload, True)
+                _adamw_block(gl, pb, mb, vb, pob, mob, vob, ub, kb, jdb, hp, key, write_upload)
             else:  # the same arrays in and out: LLVM sees one pointer, no overlap check
-                _adamw_block(gl, pb, mb, vb, pb, mb, vb, ub, kb, jdb, hp, key, write_upload, write_state)
+                _adamw_block(gl, pb, mb, vb, pb, mb, vb, ub, kb, jdb, hp, key, write_upload)
 
 
 @njit(parallel=True, **_OPTS)
@@ -374,7 +368,7 @@ def adamw_catch_up(spans, nthreads, decay_split, master, m, v, upload, write_upl
                         pb[j] = _adamw_weight(u0, pb[j], hp, j < jdb)
                 else:
                     gl[:kb] = g
-                    _adamw_block(gl, pb, mb, vb, pb, mb, vb, u_[:0], kb, jdb, hp, keys[t], False, True)
+                    _adamw_block(gl, pb, mb, vb, pb, mb, vb, u_[:0], kb, jdb, hp, keys[t], False)
             if write_upload:
                 ub = u_[b0 : b0 + kb]
                 for j in range(kb):

@@ -339,8 +339,7 @@ _PINNED_POOL_DEFAULT_GB = 64  # XLA's default cap when device memory is not prea
 def plan_host_memory(cfg: "ModelConfig", micro_batch: tuple[int, int], micro_batches: int = 1, *,
                      compute_dtype: Any = "bfloat16", moment_dtype: Any = np.float32,
                      resident_layers: int = 0, prefetch: int = 2,
-                     gpu_update_layers: int = 0, speculated_params: int = 0,
-                     split_params: int = 0) -> dict[str, int]:
+                     gpu_update_layers: int = 0, speculated_params: int = 0) -> dict[str, int]:
     """Host bytes a one-process sliding engine holds for steps of `micro_batches` micro-batches of
     `micro_batch` = (rows, seq_len) tokens, split into what XLA's pinned pool must hold and the
     rest. Upper bounds: every boundary activation is counted as offloaded.
@@ -360,10 +359,7 @@ def plan_host_memory(cfg: "ModelConfig", micro_batch: tuple[int, int], micro_bat
     - embedding_rows: the embedding's row-sparse gradient (two reused fp32 buffers);
     - speculation: the second master and moments of the engine's `speculative_units`
       (`speculated_params` parameters), and (pinned) two more compute-dtype copies: the one the
-      speculative update writes, and the copy in use, kept until the step commits or redoes;
-    - split_copies (pinned): with clipping, a second compute-dtype copy of the engine's
-      `split_updates` units (`split_params` parameters): their gradient is kept for the update's
-      second pass while the first writes the next copy elsewhere.
+      speculative update writes, and the copy in use, kept until the step commits or redoes.
     """
     rows, seq = micro_batch
     cd = numpy_dtype(compute_dtype).itemsize
@@ -385,10 +381,9 @@ def plan_host_memory(cfg: "ModelConfig", micro_batch: tuple[int, int], micro_bat
         "embedding_rows": 0 if r == L else 2 * 4 * min(tokens, V) * H,
         "speculation": (4 + 2 * moment) * speculated_params,
         "speculation_copies": 2 * cd * speculated_params,
-        "split_copies": cd * split_params,
     }
     plan["pinned"] = (plan["upload_copies"] + plan["gradients"] + plan["activations"] + plan["gpu_updated_state"]
-                      + plan["speculation_copies"] + plan["split_copies"])
+                      + plan["speculation_copies"])
     plan["total"] = sum(v for k, v in plan.items() if k != "pinned")
     return plan
 

@@ -331,7 +331,6 @@ class HostAdamW:
     supports_rows = True
     supports_defer = True  # `update(defer=True)` and `catch_up`: rows without a gradient wait
     supports_into = True  # `update(into=...)`: a step written to a second set of buffers
-    supports_split = True  # `update(weights_only=True)`: a step's new weights before its state
 
     def __init__(
         self,
@@ -489,7 +488,6 @@ class HostAdamW:
         grad_index: np.ndarray | None = None,
         into: tuple[np.ndarray, AdamWState] | None = None,
         defer: bool = False,
-        weights_only: bool = False,
     ) -> None:
         """One AdamW step (or, with `rows`, part of one) on a unit, in place; see the module doc.
 
@@ -506,17 +504,7 @@ class HostAdamW:
         now. For an embedding, where a step's tokens touch
         a few of the rows, that leaves most of the table alone until its rows are needed. Under a
         non-finite `grad_scale` nothing is deferred (every row's step is then nan).
-
-        With `weights_only=True` the step's new weights are written to `upload` alone; `master`
-        and `state` are only read. The same call without it (and `upload=None`) then takes the
-        step: the two passes run the same operations, so the copy is the same bits the one-pass
-        step writes. The first pass moves 16 B/param (fp32 moments) against the one pass's 26:
-        what must happen before the weights are next used, when the state can wait. Whole units
-        only, every row current.
         """
-        if weights_only and (upload is None or rows is not None or grad_index is not None or into is not None
-                             or defer or state.rows_done is not None or state.row_count is not None):
-            raise ValueError("update: `weights_only` needs an upload buffer and a whole-unit step with every row current")
         n = state.mu.size
         p = _flat(master, "master", n, (F32,), writable=True)
         deferred = None
@@ -553,8 +541,7 @@ class HostAdamW:
         else:
             self.catch_up(state, master, None, decay_split=decay_split)
             spans, done_rows, g = self._dense_spans(n), None, _flat(grad, "grad", n, (BF16, F32), writable=False)
-            if not weights_only:
-                state.zero_rows = None
+            state.zero_rows = None
         if into is not None:
             into[1].zero_rows = None
         # With no decay at all, skip the term (optax does too): exact even for non-finite weights.
@@ -567,10 +554,7 @@ class HostAdamW:
         fa.launch(
             fa.adamw_spans, self.threads, spans, split, p, _kernel_view(state.mu), _kernel_view(state.nu),
             gk, zeros, _no_upload(g.dtype) if up is None else _kernel_view(up), up is not None, hp, key, *outs,
-            not weights_only,
         )
-        if weights_only:
-            return
         if into is not None:
             into[1].count = state.count + 1
             return

@@ -74,7 +74,7 @@ def rel_err(a, b) -> float:
 
 def run_case(*, tied=False, vocab=97, M=2, prefetch=2, resident=0, clip=0.0, steps=3, packed=True,
              split=None, opt="adamw", layers=3, seed=0, gpu_update=0, speculative=0, wrong_next=False,
-             expect_deferred=False, max_lag=None, split_updates=True, optimizer=None):
+             expect_deferred=False, max_lag=None):
     cfg = make_cfg(tied, vocab, layers)
     rng = np.random.default_rng(seed)
     host = HostModel(cfg)
@@ -82,11 +82,10 @@ def run_case(*, tied=False, vocab=97, M=2, prefetch=2, resident=0, clip=0.0, ste
     ref_params = jax.tree.map(jnp.asarray, host.tree())
     tx = tx_for(opt)
     ref_state = tx.init(ref_params)
-    if optimizer is None:
-        optimizer = adamw() if opt == "adamw" else HostOptax(tx)
+    optimizer = adamw() if opt == "adamw" else HostOptax(tx)
     engine = SlidingEngine(host, optimizer, compute_dtype="float32", prefetch=prefetch,
                            resident_layers=resident, max_grad_norm=clip, gpu_update_layers=gpu_update,
-                           speculative_units=speculative, split_updates=split_updates)
+                           speculative_units=speculative)
     if max_lag is not None:
         engine.max_deferred_steps = max_lag
     step_ref = reference_step(cfg, clip, opt)
@@ -671,56 +670,6 @@ def test_speculative_updates_are_exact_whether_committed_redone_or_skipped(monke
         a, b = engine.opt_state[name].state_dict(), plain.opt_state[name].state_dict()
         for key in a:
             np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name} {key}")
-
-
-class _RecordingAdamW(HostAdamW):
-    """HostAdamW that records its whole-unit calls in the order they run: (state id, pass)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.calls: list[tuple[int, str]] = []
-
-    def update(self, state, master, grad, upload=None, **kw):
-        if kw.get("rows") is None and kw.get("grad_index") is None:
-            what = "weights" if kw.get("weights_only") else "state" if upload is None else "one"
-            self.calls.append((id(state), what))
-        return super().update(state, master, grad, upload, **kw)
-
-
-@pytest.mark.parametrize("tied,resident", [(False, 0), (True, 1)])
-def test_split_updates_are_the_one_pass_bits_with_every_weight_first(tied, resident):
-    """With clipping, each host-updated unit (but the embedding) is updated in two passes: its new
-    weights, then its master and moments. Every unit's weights pass runs before any state pass
-    (the next forward waits for those only), the reference's parameters come out (whole-model
-    jax.grad + optax, clipping active), and bit for bit those of one-pass updates."""
-    opt = _RecordingAdamW(learning_rate=optax.linear_schedule(5e-4, 1e-4, 8), weight_decay=0.1, eps=1e-6)
-    engine = run_case(tied=tied, resident=resident, clip=1e-2, steps=3, optimizer=opt)
-    split = {n for n in engine.host.units
-             if n not in engine.resident and not n.startswith("embed.")}
-    assert engine._split == split and split
-    # The opt states are replaced by none of the steps: their ids name the units.
-    unit_of = {id(st): n for n, st in engine.opt_state.items()}
-    calls = [(unit_of[i], what) for i, what in opt.calls if unit_of[i] in split]
-    per_step = 2 * len(split)
-    assert len(calls) == 3 * per_step
-    for t in range(3):
-        step = calls[t * per_step:(t + 1) * per_step]
-        assert [what for _, what in step] == ["weights"] * len(split) + ["state"] * len(split)
-        assert {n for n, _ in step[:len(split)]} == split == {n for n, _ in step[len(split):]}
-    plain = run_case(tied=tied, resident=resident, clip=1e-2, steps=3, split_updates=False)
-    assert plain._split == frozenset()
-    for name, unit in engine.host.units.items():
-        np.testing.assert_array_equal(unit.master, plain.host.units[name].master, err_msg=name)
-        if name in engine.opt_state:
-            a, b = engine.opt_state[name].state_dict(), plain.opt_state[name].state_dict()
-            for key in a:
-                np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name} {key}")
-    for name in engine.upload_buf:
-        np.testing.assert_array_equal(engine.upload_buf[name].host, plain.upload_buf[name].host, err_msg=name)
-    # Without clipping, or with an optimizer that cannot split, nothing is split.
-    cfg = make_cfg(False, 97)
-    assert _engine(cfg)._split == frozenset()
-    assert _engine(cfg, HostOptax(optax.adam(1e-3)), max_grad_norm=1.0)._split == frozenset()
 
 
 def test_a_step_that_raised_leaves_nothing_behind_for_the_next(monkeypatch):

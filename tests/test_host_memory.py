@@ -42,14 +42,9 @@ def test_plan_counts_the_buffers_the_engine_allocates(tied, resident, gpu_update
     spec_params = sum(host.units[n].master.size for n in engine._spec)
     candidates = (0 if tied else len(host.head_units)) + host.cfg.num_layers - resident - gpu_update
     assert len(engine._spec) == min(spec, candidates if resident < host.cfg.num_layers else 0)
-    # Clipping: every host-updated unit but the embedding's and the speculated ones is split.
-    split = {n for n in host.units if n not in engine.resident and n not in engine.gpu_updated
-             and n not in engine._spec and not n.startswith("embed.")}
-    assert engine._split == split
-    split_params = sum(host.units[n].master.size for n in split)
     assert plan == plan_host_memory(host.cfg, (ROWS, SEQ), 3, compute_dtype="bfloat16", moment_dtype=moments,
                                     resident_layers=resident, gpu_update_layers=gpu_update,
-                                    speculated_params=spec_params, split_params=split_params)
+                                    speculated_params=spec_params)
     # Speculative units: a second master and moments, a second (pinned) copy, and during a step
     # the copy in use, kept until the commit (a copy's size: the spare's).
     assert plan["speculation"] == sum(sp.master.nbytes + sp.state.mu.nbytes + sp.state.nu.nbytes
@@ -63,13 +58,7 @@ def test_plan_counts_the_buffers_the_engine_allocates(tied, resident, gpu_update
     assert abs(plan["gpu_updated_state"] - pending - parked) <= 64 * gpu_update  # step counts
     # Resident units' masters are on the device while steps run (back on the host after a sync).
     ids = np.random.default_rng().integers(0, host.cfg.vocab_size, (3, ROWS, SEQ + 1)).astype(np.int32)
-    spares = []
-    release = engine._release_updates
-    engine._release_updates = lambda nxt: (spares.append(sum(b.host.nbytes for b in engine._spare.values())),
-                                           release(nxt))
     engine.step({"input_ids": ids[..., :-1], "labels": ids[..., 1:]})
-    # Split units: the next copy's buffer, held beside the gradient from the backward on.
-    assert spares == [plan["split_copies"]] and (plan["split_copies"] > 0) == bool(split)
     assert plan["masters"] == host.nbytes
     engine.sync()
     assert host.nbytes == 4 * host.cfg.num_params
@@ -78,7 +67,7 @@ def test_plan_counts_the_buffers_the_engine_allocates(tied, resident, gpu_update
     assert plan["optimizer"] == sum(s.mu.nbytes + s.nu.nbytes for s in engine.opt_state.values())
     assert plan["gradients"] == (0 if resident == 3 else 3 * 2 * max(u.master.size for u in host.units.values()))
     assert plan["pinned"] == (plan["upload_copies"] + plan["gradients"] + plan["activations"]
-                              + plan["gpu_updated_state"] + plan["speculation_copies"] + plan["split_copies"])
+                              + plan["gpu_updated_state"] + plan["speculation_copies"])
     assert plan["total"] == (plan["pinned"] + plan["masters"] + plan["optimizer"] + plan["embedding_rows"]
                              + plan["speculation"])
     # The untied embedding has no compute-dtype copy: it is gathered from its master.
@@ -150,17 +139,13 @@ def test_a_step_that_overflows_the_pinned_pool_is_refused(monkeypatch):
     engine.step({"input_ids": ids[:2], "labels": ids[:2]})
 
 
-@pytest.mark.parametrize("clip,split", [(0.0, True), (1.0, False), (1.0, True)])
-def test_updates_write_the_next_upload_copy_into_the_gradients_buffer(clip, split):
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_updates_write_the_next_upload_copy_into_the_gradients_buffer(clip):
     """After a step, each streamed unit's upload copy is its download buffer, overwritten with the
-    bf16 rounding of the new master (a split update writes it into the previous copy's buffer
-    instead: the gradient is read again by its second pass); a copy released by a step that
-    failed is rebuilt."""
+    bf16 rounding of the new master; a copy released by a step that failed is rebuilt."""
     host = make_host(tied=False)
     rng = np.random.default_rng()
-    engine = SlidingEngine(host, HostAdamW(1e-2), compute_dtype="bfloat16", max_grad_norm=clip,
-                           split_updates=split)
-    assert bool(engine._split) == (clip > 0 and split)
+    engine = SlidingEngine(host, HostAdamW(1e-2), compute_dtype="bfloat16", max_grad_norm=clip)
     ids = rng.integers(0, host.cfg.vocab_size, (2, ROWS, SEQ + 1)).astype(np.int32)
     batch = {"input_ids": ids[..., :-1], "labels": ids[..., 1:]}
     before = {n: b.array for n, b in engine.upload_buf.items()}
@@ -168,7 +153,7 @@ def test_updates_write_the_next_upload_copy_into_the_gradients_buffer(clip, spli
     engine.sync()
     assert set(engine.upload_buf) == set(before)
     for name, buf in engine.upload_buf.items():
-        assert (buf.array is before[name]) == (name in engine._split)
+        assert buf.array is not before[name]
         want = host.units[name].master.astype(ml_dtypes.bfloat16)
         np.testing.assert_array_equal(buf.host.view(np.uint16), want.view(np.uint16))
     lost = "layers.1"

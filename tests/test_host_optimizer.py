@@ -171,39 +171,6 @@ def test_update_into_other_buffers_equals_in_place_and_leaves_inputs(moment_dtyp
         opt.update(cur[1], cur[0], grad[:7], up, decay_split=split, rows=np.arange(1), into=spare)
 
 
-@pytest.mark.parametrize("moment_dtype", [np.float32, BF16])
-def test_split_step_weights_first_then_state_equals_one_pass(moment_dtype):
-    """`weights_only=True` writes the step's new weights to the upload buffer alone (master and
-    moments untouched); the same call without it then takes the step: over several steps the two
-    passes leave the bits one pass leaves (master, moments, count, copy), the decay split and a
-    clipping scale included. Refused for row steps and without an upload buffer."""
-    rng = np.random.default_rng()
-    master0 = _rand(rng, N)
-    opt = HostAdamW(3e-2, b1=0.85, b2=0.99, weight_decay=0.1, moment_dtype=moment_dtype, threads=3)
-    split = fa._BLOCK + 77
-    ref_master, ref_state, ref_up = master0.copy(), opt.init(N), aligned_zeros(N, BF16)
-    master, state, up = master0.copy(), opt.init(N), aligned_zeros(N, BF16)
-    for step in range(4):
-        grad = _rand(rng, N, BF16, scale=0.5)
-        scale = float(rng.uniform(0.2, 1.0))
-        opt.update(ref_state, ref_master, grad, ref_up, decay_split=split, grad_scale=scale)
-        before = [a.copy() for a in (master, state.mu, state.nu)]
-        opt.update(state, master, grad, up, decay_split=split, grad_scale=scale, weights_only=True)
-        for a, b, what in zip((master, state.mu, state.nu), before, ("master", "mu", "nu")):
-            _assert_bitwise(a, b, f"{what} unchanged by the weights pass, step {step}")
-        assert state.count == step
-        _assert_bitwise(up, ref_up, f"upload, step {step}")
-        opt.update(state, master, grad, None, decay_split=split, grad_scale=scale)
-        assert state.count == step + 1
-        _assert_bitwise(master, ref_master, f"master, step {step}")
-        _assert_bitwise(state.mu, ref_state.mu, f"mu, step {step}")
-        _assert_bitwise(state.nu, ref_state.nu, f"nu, step {step}")
-    with pytest.raises(ValueError, match="weights_only"):
-        opt.update(state, master, grad, None, decay_split=split, weights_only=True)
-    with pytest.raises(ValueError, match="weights_only"):
-        opt.update(state, master, grad[:7], up, decay_split=split, rows=np.arange(1), weights_only=True)
-
-
 def test_fused_equals_jitted_optax_with_schedule_and_eps_root():
     """Schedule and jitted optax (XLA fuses into FMAs): equal to float32 rounding over 12 steps."""
     rng = np.random.default_rng(1)
