@@ -421,17 +421,17 @@ def host_memory_need(cfg: ModelConfig, config: TrainConfig, optimizer: Any = Non
     """Host RAM a run needs, by part (bytes): the engine's plan (`host_memory.plan_host_memory`:
     fp32 masters, optimizer state, the pinned upload copies, a step's gradients and activation
     checkpoints, the embedding's row gradient), a checkpoint's snapshot (a copy of masters and
-    optimizer state while it is written in the background) and the runtime. Resident layers
-    ("auto": none assumed, an upper bound) hold their state on the GPU instead."""
+    optimizer state while it is written in the background) and the runtime. Resident layers are
+    planned as streamed: they hold their state on the GPU while steps run, but every checkpoint
+    brings their masters and moments back to the host (`sync`, `state_dict`), and the masters
+    stay there until the next step."""
     from slidejax.host_memory import plan_host_memory, vocab_chunks
     from slidejax.host_optimizer import HostAdamW, HostOptax
 
     host_adamw = optimizer is None or isinstance(optimizer, HostAdamW)
     moments = config.moment_dtype if optimizer is None else getattr(optimizer, "moment_dtype", np.float32)
-    resident = config.resident_layers if isinstance(config.resident_layers, int) else 0
     need = plan_host_memory(cfg, (config.micro_batch_size, config.seq_len), config.micro_batches,
-                            compute_dtype=_resolve_dtype(config.compute_dtype), moment_dtype=moments,
-                            resident_layers=resident)
+                            compute_dtype=_resolve_dtype(config.compute_dtype), moment_dtype=moments)
     if not host_adamw:  # any optax transformation: its state, counted from its own init
         tx = optimizer.tx if isinstance(optimizer, HostOptax) else optimizer
         need["optimizer"] = _optax_state_bytes(tx, cfg, vocab_chunks(cfg))

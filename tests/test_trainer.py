@@ -476,6 +476,8 @@ def test_host_memory_budget_is_checked_up_front():
     assert check_host_memory(cfg, config.replace(host_memory=str(base + 1)))[0] is False
     bf16 = host_memory_need(cfg, config.replace(moment_dtype="bfloat16"))
     assert bf16["optimizer"] == 4 * cfg.num_params
+    # Resident layers come back to the host at every checkpoint: the need is that of none.
+    assert host_memory_need(cfg, config.replace(resident_layers=1)) == need
 
 
 def test_optax_state_estimate_equals_the_engine_state():
