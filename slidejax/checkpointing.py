@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +162,26 @@ def find_checkpoint(path: str | os.PathLike) -> tuple[Path, int]:
         raise SlidejaxError(f"{path}: no slidejax checkpoint here (expected a run directory, its "
                             f"'{CHECKPOINTS}' directory or a checkpoint step directory)")
     return folder, steps[-1]
+
+
+def set_aside_later(folder: str | os.PathLike, step: int) -> tuple[list[int], Path | None]:
+    """Move the checkpoints of `folder` (a checkpoints directory) later than `step` out of it, to
+    ``<run>/abandoned-<time>/<step>``: a run resumed from `step` abandons that continuation, whose
+    checkpoints must neither be taken for the latest (a later ``resume latest``) nor count in
+    ``keep_last``. Returns (the steps moved, where to)."""
+    folder = Path(folder)
+    later = sorted(int(p.name) for p in folder.iterdir() if _is_step_dir(p) and int(p.name) > step)
+    if not later:
+        return [], None
+    dest = folder.parent / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+    dest.mkdir(parents=True)
+    for later_step in later:
+        shutil.move(str(folder / str(later_step)), str(dest / str(later_step)))
+    return later, dest
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 
 from slidejax.checkpointing import (Checkpointer, find_checkpoint, load_params_tree, optimizer_tree, params_tree,
-                                    unnest)
+                                    set_aside_later, unnest)
 from slidejax.config import ModelConfig
 from slidejax.errors import SlidejaxError, writable_dir
 from slidejax.metrics import (MetricsLogger, Progress, flops_per_token, format_bytes, gpu_peak_bytes,
@@ -987,6 +987,10 @@ class Trainer:
                 name: {"master": self.model.host.units[name].master, "opt": opt[name]} for name in state["units"]}})
         finally:
             reader.close()
+        later, dest = on_main_process(lambda: set_aside_later(folder, step)) or ([], None)
+        if later:
+            warnings.warn(f"resumed from step {step}: the checkpoints of the continuation it abandons (steps "
+                          f"{', '.join(map(str, later))}) were moved to {dest}", stacklevel=2)
         self.step_count = int(meta["step"])
         self._data_state = meta.get("data")
         self.rng.bit_generator.state = meta["rng"]

@@ -295,6 +295,35 @@ def test_trainer_checkpoint_restores_the_full_state_and_continues_identically(tm
     assert files_digest(tmp_path / "b") == before
 
 
+def test_resuming_an_earlier_checkpoint_sets_the_abandoned_continuation_aside(tmp_path):
+    """Resumed from step 2 of 4, the run's checkpoints 3 and 4 belong to a continuation it abandons:
+    they are moved out of the checkpoints directory (intact), so neither `resume latest` nor
+    `keep_last` takes them for the new continuation's."""
+    data = task_file(tmp_path / "d.jsonl", n=40)
+    config = TrainConfig.load(model="tiny", **{**SMALL, "save_every": 1}, steps=4, keep_last=0, data=[str(data)],
+                              output_dir=str(tmp_path), run_name="r")
+    a = Trainer(tiny(), config=config)
+    a.fit()
+    a.close()
+    run, ck = tmp_path / "r", tmp_path / "r" / "checkpoints"
+    assert sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit()) == [1, 2, 3, 4]
+    b = Trainer(tiny(), config=config)
+    with pytest.warns(UserWarning, match="steps 3, 4"):
+        b.resume(ck / "2")
+    assert find_checkpoint(run)[1] == 2
+    aside = [p for p in run.iterdir() if p.name.startswith("abandoned-")]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["3", "4"]
+    assert Checkpointer(aside[0], read_only=True).read_meta(4)["step"] == 4
+    b.fit(until_step=3)
+    b.close()
+    assert find_checkpoint(run)[1] == 3
+    # Resuming the latest sets nothing aside.
+    c = Trainer(tiny(), config=config)
+    c.resume("latest")
+    c.close()
+    assert len([p for p in run.iterdir() if p.name.startswith("abandoned-")]) == 1
+
+
 def test_a_new_run_does_not_overwrite_another_runs_checkpoints(tmp_path):
     data = task_file(tmp_path / "d.jsonl", n=40)
     config = TrainConfig.load(model="tiny", **SMALL, steps=1, data=[str(data)], output_dir=str(tmp_path),
