@@ -192,9 +192,8 @@ class ModelConfig:
                 )
         if window:
             window = number("sliding_window", window, int)
-        # The biases each transformers class builds: Llama both switches, Qwen3 the attention
-        # one, Qwen2 q/k/v always, Mistral none (its class ignores the switches).
-        bias = bool(d.get("attention_bias", False)) and model_type in ("llama", "qwen3")
+        switches = {"attention_bias": bool(d.get("attention_bias", False)), "mlp_bias": bool(d.get("mlp_bias", False))}
+        qkv_bias, o_bias, mlp_bias = (switches[b] if isinstance(b, str) else b for b in _BIASES[model_type])
         return cls(
             model_type=model_type,
             vocab_size=size("vocab_size"),
@@ -210,9 +209,9 @@ class ModelConfig:
             rope_params=tuple(sorted(rope_params)),
             max_position_embeddings=size("max_position_embeddings", 4096),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            qkv_bias=True if model_type == "qwen2" else bias,
-            o_bias=False if model_type == "qwen2" else bias,
-            mlp_bias=bool(d.get("mlp_bias", False)) and model_type == "llama",
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=mlp_bias,
             qk_norm=model_type == "qwen3",
             sliding_window=int(window) if window else None,
             hf_config=dict(d),
@@ -261,9 +260,10 @@ class ModelConfig:
         d["rope_theta"] = self.rope_theta
         d["rope_parameters"] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **params}
         d["rope_scaling"] = None if self.rope_type == "default" else {"rope_type": self.rope_type, **params}
-        if self.model_type in ("llama", "qwen3"):
+        rules = _BIASES[self.model_type]
+        if rules[0] == "attention_bias":
             d["attention_bias"] = self.qkv_bias
-        if self.model_type == "llama":
+        if rules[2] == "mlp_bias":
             d["mlp_bias"] = self.mlp_bias
         if self.model_type == "mistral":
             d["sliding_window"] = self.sliding_window
@@ -278,13 +278,13 @@ class ModelConfig:
     def _check_hf_expressible(self) -> None:
         """Refuse a config (built directly) that no transformers class of its model_type computes."""
         t = self.model_type
-        want = {"llama": None, "qwen3": None, "qwen2": (True, False), "mistral": (False, False)}[t]
+        qkv, o, mlp = _BIASES[t]
         bad = []
-        if want is None and self.qkv_bias != self.o_bias:
+        if isinstance(qkv, str) and self.qkv_bias != self.o_bias:  # one switch builds both
             bad.append("q/k/v and o_proj biases that differ")
-        if want is not None and (self.qkv_bias, self.o_bias) != want:
+        if not isinstance(qkv, str) and (self.qkv_bias, self.o_bias) != (qkv, o):
             bad.append(f"qkv_bias={self.qkv_bias}, o_bias={self.o_bias}")
-        if self.mlp_bias and t != "llama":
+        if self.mlp_bias and not isinstance(mlp, str):
             bad.append("MLP biases")
         if self.qk_norm != (t == "qwen3"):
             bad.append(f"qk_norm={self.qk_norm}")
@@ -294,6 +294,15 @@ class ModelConfig:
             raise SlidejaxError(f"a {t} model in transformers has no {', '.join(bad)}: this config "
                                 "cannot be written as a Hugging Face config.json")
 
+
+# The biases each transformers class builds, (q/k/v, o_proj, MLP): the config.json switch that
+# turns one on, or always (True) or never (False). Mistral's class ignores the switches.
+_BIASES: dict[str, tuple[str | bool, str | bool, str | bool]] = {
+    "llama": ("attention_bias", "attention_bias", "mlp_bias"),
+    "qwen3": ("attention_bias", "attention_bias", False),
+    "qwen2": (True, False, False),
+    "mistral": (False, False, False),
+}
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
