@@ -164,23 +164,64 @@ def find_checkpoint(path: str | os.PathLike) -> tuple[Path, int]:
     return folder, steps[-1]
 
 
-def set_aside_later(folder: str | os.PathLike, step: int) -> tuple[list[int], Path | None]:
-    """Move the checkpoints of `folder` (a checkpoints directory) later than `step` out of it, to
-    ``<run>/abandoned-<time>/<step>``: a run resumed from `step` abandons that continuation, whose
-    checkpoints must neither be taken for the latest (a later ``resume latest``) nor count in
-    ``keep_last``. Returns (the steps moved, where to)."""
+ABANDONED = "abandoned-"  # prefix of a set-aside continuation's folder, inside the checkpoints directory
+
+
+def run_of(folder: str | os.PathLike) -> Path:
+    """The run directory of a checkpoints folder: its parent, or for a set-aside continuation
+    (``<run>/checkpoints/abandoned-<time>``, see `set_aside_later`) the run that holds it."""
     folder = Path(folder)
-    later = sorted(int(p.name) for p in folder.iterdir() if _is_step_dir(p) and int(p.name) > step)
+    if folder.name.startswith(ABANDONED) and folder.parent.name == CHECKPOINTS:
+        return folder.parent.parent
+    return folder.parent
+
+
+def set_aside_later(run: str | os.PathLike, step: int, source: str | os.PathLike) -> tuple[list[int], Path | None]:
+    """A run resumed from checkpoint `step` of folder `source` abandons the continuation after it:
+    move that continuation's checkpoints out of the way of the run's new ones, intact, into
+    ``<run>/checkpoints/abandoned-<time>/``, so that neither a later ``resume latest`` nor
+    ``keep_last`` takes them for the new continuation's. Those are the steps after `step` (from
+    the run's own checkpoints directory), or (from elsewhere: a set-aside folder) every step
+    after the point that folder's continuation branched off. Returns (the steps moved, where to).
+
+    Renames within the checkpoints directory (one filesystem: nothing is copied), latest first;
+    if one fails, those already moved are put back and a SlidejaxError says why."""
+    folder = Path(run) / CHECKPOINTS
+    source = Path(source)
+    if not folder.is_dir():
+        return [], None
+    steps = sorted(int(p.name) for p in folder.iterdir() if _is_step_dir(p))
+    if source.resolve() == folder.resolve():
+        after = step
+    else:
+        theirs = [int(p.name) for p in source.iterdir() if _is_step_dir(p)]
+        after = min(theirs, default=step + 1) - 1
+    later = [s for s in steps if s > after]
     if not later:
         return [], None
-    dest = folder.parent / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+    dest = folder / f"{ABANDONED}{time.strftime('%Y%m%d-%H%M%S')}"
     n = 1
     while dest.exists():
         n += 1
         dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
-    dest.mkdir(parents=True)
-    for later_step in later:
-        shutil.move(str(folder / str(later_step)), str(dest / str(later_step)))
+    moved: list[int] = []
+    try:
+        dest.mkdir()
+        for s in reversed(later):
+            os.rename(folder / str(s), dest / str(s))
+            moved.append(s)
+    except OSError as e:
+        for s in moved:
+            try:
+                os.rename(dest / str(s), folder / str(s))
+            except OSError:
+                pass
+        try:
+            dest.rmdir()  # only if empty: a step that could not be put back stays there
+        except OSError:
+            pass
+        raise SlidejaxError(f"{folder}: cannot set aside the checkpoints of the continuation this resume "
+                            f"abandons (steps {', '.join(map(str, later))}) ({e.strerror or e})") from None
     return later, dest
 
 

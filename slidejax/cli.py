@@ -331,7 +331,7 @@ def _fit(trainer: Any, main: bool = True) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from slidejax.checkpointing import find_checkpoint, load_params, load_params_tree
+    from slidejax.checkpointing import find_checkpoint, load_params, load_params_tree, run_of
     from slidejax.hf_checkpoint import save_pretrained
     from slidejax.host_memory import HostModel
 
@@ -340,9 +340,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     host = HostModel(cfg)
     load_params_tree(host, params, str(folder / str(step)))
     del params
-    tokenizer = folder.parent / "model"
+    tokenizer = run_of(folder) / "model"
     out = save_pretrained(host, args.hf, dtype=args.dtype, tokenizer_dir=tokenizer if tokenizer.is_dir() else None)
-    print(f"exported step {step} of {folder.parent} to {out} ({args.dtype})")
+    print(f"exported step {step} of {run_of(folder)} to {out} ({args.dtype})")
     return 0
 
 
@@ -357,10 +357,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     target = Path(args.target)
     if target.exists() and not (target / "config.json").exists():
-        from slidejax.checkpointing import find_checkpoint
+        from slidejax.checkpointing import find_checkpoint, run_of
 
         folder, step = find_checkpoint(target)
-        run = folder.parent
+        run = run_of(folder)
         steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
         print(f"run          {run}")
         print(f"checkpoints  {', '.join(map(str, steps))} (latest {step})")

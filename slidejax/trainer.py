@@ -38,7 +38,7 @@ import numpy as np
 import optax
 
 from slidejax.checkpointing import (Checkpointer, find_checkpoint, load_params_tree, optimizer_tree, params_tree,
-                                    set_aside_later, unnest)
+                                    run_of, set_aside_later, unnest)
 from slidejax.config import ModelConfig
 from slidejax.errors import SlidejaxError, writable_dir
 from slidejax.metrics import (MetricsLogger, Progress, flops_per_token, format_bytes, gpu_peak_bytes,
@@ -947,7 +947,11 @@ class Trainer:
         data position, RNG) into this trainer; its run directory becomes this run's. `path`: a run
         directory, a checkpoint directory, or "latest". Returns the checkpoint directory. With
         several processes every process reads the whole checkpoint (a filesystem all of them
-        see) and keeps its share."""
+        see) and keeps its share. Resuming a checkpoint before the run's latest sets the later
+        ones aside (`checkpointing.set_aside_later`)."""
+        # A run this trainer already wrote to: its save in flight lands first, and the run is
+        # opened again on the resumed one (another directory, perhaps) with its steps re-read.
+        self.close()
         folder, step = find_checkpoint(self._resolve_resume(path))
         reader = Checkpointer(folder, keep_last=self.config.keep_last, read_only=True)
         try:
@@ -987,7 +991,8 @@ class Trainer:
                 name: {"master": self.model.host.units[name].master, "opt": opt[name]} for name in state["units"]}})
         finally:
             reader.close()
-        later, dest = on_main_process(lambda: set_aside_later(folder, step)) or ([], None)
+        run = run_of(folder)
+        later, dest = on_main_process(lambda: set_aside_later(run, step, folder)) or ([], None)
         if later:
             warnings.warn(f"resumed from step {step}: the checkpoints of the continuation it abandons (steps "
                           f"{', '.join(map(str, later))}) were moved to {dest}", stacklevel=2)
@@ -995,9 +1000,8 @@ class Trainer:
         self._data_state = meta.get("data")
         self.rng.bit_generator.state = meta["rng"]
         self._resumed_from = reader.path(step)
-        self._run_dir = folder.parent
-        if not self._opened:
-            self.open_run()
+        self._run_dir = run
+        self.open_run()
         if self._logger is not None:
             self._logger.restart_at(self.step_count)
             self.history = [r for r in read_metrics(self._logger.path) if r.get("step", 0) <= self.step_count]
@@ -1370,7 +1374,7 @@ def restore_setup(path: str | os.PathLike, model: Any, overrides: dict[str, Any]
         name = overrides["model"]
         folder_of = preset_path(name) if name in PRESETS and not Path(name).exists() else Path(name)
         _check_same_model(saved_cfg, ModelConfig.from_pretrained(folder_of), where)
-    run = folder.parent
+    run = run_of(folder)
     saved = dict(meta["train_config"])
     location = dict(output_dir=str(run.parent), run_name=run.name, resume=str(path))
     config = TrainConfig.load(toml, base={**saved, **location}, **overrides).replace(**location)

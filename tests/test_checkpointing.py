@@ -295,33 +295,82 @@ def test_trainer_checkpoint_restores_the_full_state_and_continues_identically(tm
     assert files_digest(tmp_path / "b") == before
 
 
-def test_resuming_an_earlier_checkpoint_sets_the_abandoned_continuation_aside(tmp_path):
+def _steps(folder: Path) -> list[int]:
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+def _lr_of(folder: Path, step: int) -> float:
+    return Checkpointer(folder, read_only=True).read_meta(step)["train_config"]["lr"]
+
+
+def test_resuming_an_earlier_checkpoint_sets_the_abandoned_continuation_aside(tmp_path, monkeypatch):
     """Resumed from step 2 of 4, the run's checkpoints 3 and 4 belong to a continuation it abandons:
-    they are moved out of the checkpoints directory (intact), so neither `resume latest` nor
-    `keep_last` takes them for the new continuation's."""
+    they are moved, intact, into checkpoints/abandoned-<time>/, so neither `resume latest` nor
+    `keep_last` takes them for the new continuation's. Going back to one of them sets aside the
+    other continuation's steps after its branch point, and leaves its own folder as it was. On
+    the same trainer, a save still being written lands before the move, and keep_last counts only
+    what is left. A move that fails puts back what it moved and says why in one line."""
     data = task_file(tmp_path / "d.jsonl", n=40)
-    config = TrainConfig.load(model="tiny", **{**SMALL, "save_every": 1}, steps=4, keep_last=0, data=[str(data)],
-                              output_dir=str(tmp_path), run_name="r")
+    config = TrainConfig.load(model="tiny", **{**SMALL, "save_every": 1, "lr": 1e-3}, steps=4, keep_last=0,
+                              data=[str(data)], output_dir=str(tmp_path), run_name="r")
     a = Trainer(tiny(), config=config)
     a.fit()
     a.close()
     run, ck = tmp_path / "r", tmp_path / "r" / "checkpoints"
-    assert sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit()) == [1, 2, 3, 4]
-    b = Trainer(tiny(), config=config)
+    assert _steps(ck) == [1, 2, 3, 4]
+    b = Trainer(tiny(), config=config.replace(lr=1e-2))  # continuation B, told apart by its lr
     with pytest.warns(UserWarning, match="steps 3, 4"):
         b.resume(ck / "2")
     assert find_checkpoint(run)[1] == 2
-    aside = [p for p in run.iterdir() if p.name.startswith("abandoned-")]
-    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["3", "4"]
-    assert Checkpointer(aside[0], read_only=True).read_meta(4)["step"] == 4
-    b.fit(until_step=3)
+    aside = [p for p in ck.iterdir() if p.name.startswith("abandoned-")]
+    assert len(aside) == 1 and _steps(aside[0]) == [3, 4] and _lr_of(aside[0], 4) == 1e-3
+    b.fit()
     b.close()
-    assert find_checkpoint(run)[1] == 3
-    # Resuming the latest sets nothing aside.
+    assert _steps(ck) == [1, 2, 3, 4] and _lr_of(ck, 4) == 1e-2
+    # Back to continuation A's step 3: B's steps after the branch (3, 4) are set aside; A's folder
+    # is read, not changed; the run is still r.
     c = Trainer(tiny(), config=config)
-    c.resume("latest")
+    with pytest.warns(UserWarning, match="steps 3, 4"):
+        c.resume(aside[0] / "3")
+    assert c.run_dir == run and _steps(aside[0]) == [3, 4] and _steps(ck) == [1, 2]
+    c.fit(until_step=4)
+    assert _steps(ck) == [1, 2, 4] and _lr_of(ck, 4) == 1e-3
+    # The same trainer goes back to step 2 with a save of step 4 possibly still in flight, and
+    # keeps 2 checkpoints: its new steps are never deleted for the ones set aside.
+    c.config = c.config.replace(keep_last=2)
+    c._ckpt.save(4, *_state(4), {"n": 4})  # a write in the background when resume starts
+    with pytest.warns(UserWarning, match="steps 4"):
+        c.resume(ck / "2")
+    c.fit(until_step=3)
+    assert _steps(ck) == [2, 3]
     c.close()
-    assert len([p for p in run.iterdir() if p.name.startswith("abandoned-")]) == 1
+    # Resuming the latest sets nothing aside.
+    before = sorted(p.name for p in ck.iterdir())
+    d = Trainer(tiny(), config=config)
+    d.resume("latest")
+    d.close()
+    assert sorted(p.name for p in ck.iterdir()) == before
+    # A rename that fails: what was moved goes back, one line says why.
+    e = Trainer(tiny(), config=config)
+    e.resume(ck / "3")
+    e.fit(until_step=4)
+    e.close()
+    rename, calls = os.rename, []
+
+    def flaky(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError(13, "Permission denied")
+        return rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", flaky)
+    before = sorted(p.name for p in ck.iterdir())
+    with pytest.raises(SlidejaxError) as err:
+        Trainer(tiny(), config=config).resume(ck / "2")
+    assert "cannot set aside" in str(err.value) and "Permission denied" in str(err.value)
+    assert "\n" not in str(err.value)
+    monkeypatch.undo()
+    assert sorted(p.name for p in ck.iterdir()) == before
 
 
 def test_a_new_run_does_not_overwrite_another_runs_checkpoints(tmp_path):
