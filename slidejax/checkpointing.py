@@ -176,27 +176,19 @@ def run_of(folder: str | os.PathLike) -> Path:
     return folder.parent
 
 
-def set_aside_later(run: str | os.PathLike, step: int, source: str | os.PathLike) -> tuple[list[int], Path | None]:
-    """A run resumed from checkpoint `step` of folder `source` abandons the continuation after it:
-    move that continuation's checkpoints out of the way of the run's new ones, intact, into
-    ``<run>/checkpoints/abandoned-<time>/``, so that neither a later ``resume latest`` nor
-    ``keep_last`` takes them for the new continuation's. Those are the steps after `step` (from
-    the run's own checkpoints directory), or (from elsewhere: a set-aside folder) every step
-    after the point that folder's continuation branched off. Returns (the steps moved, where to).
+def set_aside_later(folder: str | os.PathLike, step: int) -> tuple[list[int], Path | None]:
+    """A run resumed from checkpoint `step` of its checkpoints directory `folder` abandons the
+    continuation after it: move that continuation's checkpoints (the steps after `step`) out of
+    the way of the new ones, intact, into ``folder/abandoned-<time>/``, so that neither a later
+    ``resume latest`` nor ``keep_last`` takes them for the new continuation's. Nothing happens
+    for a folder that is not a run's checkpoints directory. Returns (the steps moved, where to).
 
-    Renames within the checkpoints directory (one filesystem: nothing is copied), latest first;
-    if one fails, those already moved are put back and a SlidejaxError says why."""
-    folder = Path(run) / CHECKPOINTS
-    source = Path(source)
-    if not folder.is_dir():
+    Renames within `folder` (one filesystem: nothing is copied), latest first; if one fails, those
+    already moved are put back and a SlidejaxError says why and where any left over is."""
+    folder = Path(folder)
+    if folder.name != CHECKPOINTS:
         return [], None
-    steps = sorted(int(p.name) for p in folder.iterdir() if _is_step_dir(p))
-    if source.resolve() == folder.resolve():
-        after = step
-    else:
-        theirs = [int(p.name) for p in source.iterdir() if _is_step_dir(p)]
-        after = min(theirs, default=step + 1) - 1
-    later = [s for s in steps if s > after]
+    later = sorted(int(p.name) for p in folder.iterdir() if _is_step_dir(p) and int(p.name) > step)
     if not later:
         return [], None
     dest = folder / f"{ABANDONED}{time.strftime('%Y%m%d-%H%M%S')}"
@@ -211,17 +203,19 @@ def set_aside_later(run: str | os.PathLike, step: int, source: str | os.PathLike
             os.rename(folder / str(s), dest / str(s))
             moved.append(s)
     except OSError as e:
+        stuck = []
         for s in moved:
             try:
                 os.rename(dest / str(s), folder / str(s))
             except OSError:
-                pass
+                stuck.append(s)
         try:
-            dest.rmdir()  # only if empty: a step that could not be put back stays there
+            dest.rmdir()  # only if empty
         except OSError:
             pass
-        raise SlidejaxError(f"{folder}: cannot set aside the checkpoints of the continuation this resume "
-                            f"abandons (steps {', '.join(map(str, later))}) ({e.strerror or e})") from None
+        left = f"; steps {', '.join(map(str, stuck))} are in {dest}" if stuck else ""
+        raise SlidejaxError(f"{folder}: cannot set aside the checkpoints after step {step} (steps "
+                            f"{', '.join(map(str, later))}) ({e.strerror or e}){left}") from None
     return later, dest
 
 

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 
 from slidejax.checkpointing import (Checkpointer, find_checkpoint, load_params_tree, optimizer_tree, params_tree,
-                                    run_of, set_aside_later, unnest)
+                                    ABANDONED, run_of, set_aside_later, unnest)
 from slidejax.config import ModelConfig
 from slidejax.errors import SlidejaxError, writable_dir
 from slidejax.metrics import (MetricsLogger, Progress, flops_per_token, format_bytes, gpu_peak_bytes,
@@ -949,16 +949,20 @@ class Trainer:
         several processes every process reads the whole checkpoint (a filesystem all of them
         see) and keeps its share. Resuming a checkpoint before the run's latest sets the later
         ones aside (`checkpointing.set_aside_later`)."""
-        # A run this trainer already wrote to: its save in flight lands first, and the run is
-        # opened again on the resumed one (another directory, perhaps) with its steps re-read.
-        self.close()
         folder, step = find_checkpoint(self._resolve_resume(path))
+        if folder.name.startswith(ABANDONED):
+            raise SlidejaxError(f"{folder / str(step)} was set aside when its run resumed an earlier checkpoint, "
+                                "and the run's checkpoints now continue another way: to go on from it, copy "
+                                f"{folder} to <new run>/checkpoints and resume that run (or export it)")
         reader = Checkpointer(folder, keep_last=self.config.keep_last, read_only=True)
         try:
             meta = reader.read_meta(step)
             where = str(reader.path(step))
             saved = ModelConfig.from_hf_dict(meta["model_config"], source=where)
             _check_same_model(saved, self.model.config, where)
+            # A run this trainer already wrote to: its save in flight lands first, and the run is
+            # opened again on the resumed one (perhaps another) with its checkpoints re-read.
+            self.close()
             if self._train is None and self._data_paths(None, "train") is not None:
                 self.set_train_data()
             if self.total_steps is None:
@@ -991,16 +995,20 @@ class Trainer:
                 name: {"master": self.model.host.units[name].master, "opt": opt[name]} for name in state["units"]}})
         finally:
             reader.close()
-        run = run_of(folder)
-        later, dest = on_main_process(lambda: set_aside_later(run, step, folder)) or ([], None)
-        if later:
-            warnings.warn(f"resumed from step {step}: the checkpoints of the continuation it abandons (steps "
-                          f"{', '.join(map(str, later))}) were moved to {dest}", stacklevel=2)
         self.step_count = int(meta["step"])
         self._data_state = meta.get("data")
         self.rng.bit_generator.state = meta["rng"]
         self._resumed_from = reader.path(step)
-        self._run_dir = run
+        self._run_dir = run_of(folder)
+        # Only now, with the state loaded: a move that fails leaves a consistent trainer, warned.
+        try:
+            later, dest = on_main_process(lambda: set_aside_later(folder, step)) or ([], None)
+        except SlidejaxError as e:
+            warnings.warn(f"{e}; a later 'resume latest' may take them for this continuation's", stacklevel=2)
+            later = []
+        if later:
+            warnings.warn(f"resumed from step {step}: the checkpoints of the continuation it abandons (steps "
+                          f"{', '.join(map(str, later))}) were moved to {dest}", stacklevel=2)
         self.open_run()
         if self._logger is not None:
             self._logger.restart_at(self.step_count)
