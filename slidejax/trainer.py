@@ -673,6 +673,7 @@ class Trainer:
         self._t_last: float | None = None
         self._fpt = flops_per_token(model.config, config.seq_len)
         self._resumed_from: Path | None = None
+        self._own_runs: set[Path] = set()  # runs this trainer opened: its own checkpoints are no other run's
         self._skipped = 0
         self._trained_epochs: float | None = None  # set by fit while it steps on a batch read earlier
         self._opened = False  # open_run done (on every process; only process 0 writes files)
@@ -803,7 +804,7 @@ class Trainer:
         run = self.run_dir
 
         def create() -> None:
-            check_run_dir(run, resuming=self._resumed_from is not None)
+            check_run_dir(run, resuming=self._resumed_from is not None or run in self._own_runs)
             ckdir = run / "checkpoints"
             # The run's settings, not how this process started (a resume is not one of them).
             (run / "config.toml").write_text(self.config.replace(resume=None).to_toml(), encoding="utf-8")
@@ -813,6 +814,7 @@ class Trainer:
 
         on_main_process(create)
         self._opened = True
+        self._own_runs.add(run)
         return run
 
     def _save_model_files(self, folder: Path) -> None:

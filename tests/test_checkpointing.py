@@ -384,6 +384,10 @@ def test_a_new_run_does_not_overwrite_another_runs_checkpoints(tmp_path):
     with pytest.raises(SlidejaxError, match="already holds checkpoints of another run"):
         Trainer(tiny(), config=config).fit()
     assert files_digest(tmp_path / "x") == before
+    # The trainer that wrote them opens its run again (after a close, or a resume that failed).
+    t.fit()
+    t.close()
+    assert find_checkpoint(tmp_path / "x")[1] == 1
 
 
 # ----------------------------------------------------------------------------------------------
