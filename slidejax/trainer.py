@@ -673,7 +673,6 @@ class Trainer:
         self._t_last: float | None = None
         self._fpt = flops_per_token(model.config, config.seq_len)
         self._resumed_from: Path | None = None
-        self._own_runs: set[Path] = set()  # runs this trainer opened: its own checkpoints are no other run's
         self._skipped = 0
         self._trained_epochs: float | None = None  # set by fit while it steps on a batch read earlier
         self._opened = False  # open_run done (on every process; only process 0 writes files)
@@ -804,7 +803,7 @@ class Trainer:
         run = self.run_dir
 
         def create() -> None:
-            check_run_dir(run, resuming=self._resumed_from is not None or run in self._own_runs)
+            check_run_dir(run, resuming=self._resumed_from is not None)
             ckdir = run / "checkpoints"
             # The run's settings, not how this process started (a resume is not one of them).
             (run / "config.toml").write_text(self.config.replace(resume=None).to_toml(), encoding="utf-8")
@@ -814,7 +813,6 @@ class Trainer:
 
         on_main_process(create)
         self._opened = True
-        self._own_runs.add(run)
         return run
 
     def _save_model_files(self, folder: Path) -> None:
@@ -951,7 +949,10 @@ class Trainer:
         several processes every process reads the whole checkpoint (a filesystem all of them
         see) and keeps its share. Resuming a checkpoint before the run's latest sets the later
         ones aside (`checkpointing.set_aside_later`)."""
-        folder, step = find_checkpoint(self._resolve_resume(path))
+        # A save of this trainer still being written lands first (on process 0, before any
+        # process looks for the latest checkpoint).
+        run_together(self.wait)
+        folder, step = find_checkpoint(self._resolve_resume(path).resolve())
         if folder.name.startswith(ABANDONED):
             raise SlidejaxError(f"{folder / str(step)} was set aside when its run resumed an earlier checkpoint, "
                                 "and the run's checkpoints now continue another way: to go on from it, copy "
@@ -962,9 +963,6 @@ class Trainer:
             where = str(reader.path(step))
             saved = ModelConfig.from_hf_dict(meta["model_config"], source=where)
             _check_same_model(saved, self.model.config, where)
-            # A run this trainer already wrote to: its save in flight lands first, and the run is
-            # opened again on the resumed one (perhaps another) with its checkpoints re-read.
-            self.close()
             if self._train is None and self._data_paths(None, "train") is not None:
                 self.set_train_data()
             if self.total_steps is None:
@@ -1011,6 +1009,8 @@ class Trainer:
         if later:
             warnings.warn(f"resumed from step {step}: the checkpoints of the continuation it abandons (steps "
                           f"{', '.join(map(str, later))}) were moved to {dest}", stacklevel=2)
+        # A run this trainer had open is opened again: on the resumed run, its checkpoints re-read.
+        self.close()
         self.open_run()
         if self._logger is not None:
             self._logger.restart_at(self.step_count)
@@ -1368,7 +1368,7 @@ def restore_setup(path: str | os.PathLike, model: Any, overrides: dict[str, Any]
     from slidejax.host_memory import HostModel
     from slidejax.pretrained import Model
 
-    folder, step = find_checkpoint(path)
+    folder, step = find_checkpoint(Path(path).resolve())
     reader = Checkpointer(folder, read_only=True)
     try:
         meta = reader.read_meta(step)
