@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -150,16 +149,18 @@ def _is_step_dir(path: Path) -> bool:
 
 def find_checkpoint(path: str | os.PathLike) -> tuple[Path, int]:
     """(checkpoints directory, step) for a run directory (its latest checkpoint), a checkpoints
-    directory (its latest) or one checkpoint's directory."""
-    path = Path(path)
-    if not path.exists():
-        raise SlidejaxError(f"{path}: no such run or checkpoint directory")
+    directory (its latest) or one checkpoint's directory. The directory is resolved ('.', '..',
+    links): its name and parents say which run it belongs to (`run_of`)."""
+    given = Path(path)
+    if not given.exists():
+        raise SlidejaxError(f"{given}: no such run or checkpoint directory")
+    path = given.resolve()
     if _is_step_dir(path):
         return path.parent, int(path.name)
     folder = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
     steps = sorted(int(p.name) for p in folder.iterdir() if _is_step_dir(p)) if folder.is_dir() else []
     if not steps:
-        raise SlidejaxError(f"{path}: no slidejax checkpoint here (expected a run directory, its "
+        raise SlidejaxError(f"{given}: no slidejax checkpoint here (expected a run directory, its "
                             f"'{CHECKPOINTS}' directory or a checkpoint step directory)")
     return folder, steps[-1]
 

@@ -340,9 +340,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     host = HostModel(cfg)
     load_params_tree(host, params, str(folder / str(step)))
     del params
-    tokenizer = run_of(folder) / "model"
+    run = run_of(folder)
+    tokenizer = run / "model"
     out = save_pretrained(host, args.hf, dtype=args.dtype, tokenizer_dir=tokenizer if tokenizer.is_dir() else None)
-    print(f"exported step {step} of {run_of(folder)} to {out} ({args.dtype})")
+    print(f"exported step {step} of {run} to {out} ({args.dtype})")
     return 0
 
 

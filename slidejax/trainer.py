@@ -952,7 +952,7 @@ class Trainer:
         # A save of this trainer still being written lands first (on process 0, before any
         # process looks for the latest checkpoint).
         run_together(self.wait)
-        folder, step = find_checkpoint(self._resolve_resume(path).resolve())
+        folder, step = find_checkpoint(self._resolve_resume(path))
         if folder.name.startswith(ABANDONED):
             raise SlidejaxError(f"{folder / str(step)} was set aside when its run resumed an earlier checkpoint, "
                                 "and the run's checkpoints now continue another way: to go on from it, copy "
@@ -1368,7 +1368,7 @@ def restore_setup(path: str | os.PathLike, model: Any, overrides: dict[str, Any]
     from slidejax.host_memory import HostModel
     from slidejax.pretrained import Model
 
-    folder, step = find_checkpoint(Path(path).resolve())
+    folder, step = find_checkpoint(path)
     reader = Checkpointer(folder, read_only=True)
     try:
         meta = reader.read_meta(step)
